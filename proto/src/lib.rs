@@ -1,0 +1,40 @@
+//! Wire types and framing shared by the tincan `tracker` and `peer`.
+//!
+//! Layout:
+//! - [`ids`]: validated newtypes for what crosses the wire: [`PeerId`], [`MessageId`].
+//! - [`name`]: [`Name`], the human-readable handle a peer enrolls under.
+//! - [`tracker`]: the peer ↔ tracker protocol (ALPN [`ALPN_TRACKER`]).
+//! - [`peer`]: the peer ↔ peer protocol (ALPN [`ALPN_PEER`]).
+//! - [`codec`]: length-prefixed postcard frames with a hard size cap.
+//! - [`tls`]: identities (Ed25519, self-signed certificates) and the rustls
+//!   verifiers that pin a public key instead of trusting a CA.
+//!
+//! This crate owns no sockets: tracker and peer bring their own QUIC endpoints.
+//! Every wire enum is append-only, because postcard encodes variant indices;
+//! incompatible changes bump the version inside the ALPN string instead.
+
+pub mod codec;
+pub mod ids;
+pub mod name;
+pub mod peer;
+pub mod tls;
+pub mod tracker;
+
+pub use codec::{Codec, FrameError};
+pub use ids::{MessageId, PeerId};
+pub use name::{Name, NameError};
+
+/// ALPN of the peer ↔ tracker protocol; the trailing number is the protocol version.
+pub const ALPN_TRACKER: &[u8] = b"tincan-tracker/1";
+/// ALPN of the peer ↔ peer protocol.
+pub const ALPN_PEER: &[u8] = b"tincan-peer/1";
+/// Protocol version carried in `Hello`, for messages that outlive an ALPN bump.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest encoded frame, in bytes, either direction. A larger length prefix
+/// closes the stream with an error before the body is read.
+pub const MAX_FRAME_LEN: usize = 96 * 1024;
+/// Largest message body, in bytes of UTF-8 text.
+pub const MAX_BODY_LEN: usize = 64 * 1024;
+/// Most local addresses a peer may announce in `Hello`.
+pub const MAX_LOCAL_ADDRS: usize = 8;
