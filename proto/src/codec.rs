@@ -107,6 +107,11 @@ impl<T: Serialize> Encoded<T> {
         })
     }
 
+    /// The frame body (without the length prefix).
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
     /// Encoded size of the body, without the 4-byte length prefix.
     pub fn len(&self) -> usize {
         self.body.len()

@@ -38,3 +38,28 @@ pub const MAX_FRAME_LEN: usize = 96 * 1024;
 pub const MAX_BODY_LEN: usize = 64 * 1024;
 /// Most local addresses a peer may announce in `Hello`.
 pub const MAX_LOCAL_ADDRS: usize = 8;
+
+/// QUIC application close codes, shared by tracker and peer so that each side
+/// can tell the user why the other closed.
+pub mod close {
+    /// Orderly close (logout, shutdown, idle link).
+    pub const NORMAL: u32 = 0;
+    /// A frame could not be decoded or exceeded [`crate::MAX_FRAME_LEN`].
+    pub const BAD_FRAME: u32 = 1;
+    /// A valid frame arrived where the protocol does not allow it.
+    pub const PROTOCOL: u32 = 2;
+    /// Enrollment was refused; the reason was sent in `Reject`.
+    pub const REJECTED: u32 = 3;
+    /// The same key enrolled again; this older session ends.
+    pub const REPLACED: u32 = 4;
+    /// The peer fell too far behind on presence updates or stopped reading.
+    pub const LAGGING: u32 = 5;
+    /// The server is at its connection limit.
+    pub const FULL: u32 = 6;
+    /// The remote key is not allowed here (unknown, or not bound to the name it claims).
+    pub const UNAUTHORIZED: u32 = 7;
+    /// A timer ran out waiting for the other side.
+    pub const TIMEOUT: u32 = 8;
+    /// Two connections to the same peer: this is the one both sides drop.
+    pub const DUPLICATE: u32 = 9;
+}

@@ -11,8 +11,7 @@
 use std::{fs, io::Write, path::Path, sync::Arc};
 
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError,
-    SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms, verify_tls13_signature},
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime},
@@ -71,10 +70,11 @@ impl Identity {
         let shown = path.display().to_string();
         match fs::read_to_string(path) {
             Ok(pem) => {
-                let key_pair = rcgen::KeyPair::from_pem(&pem).map_err(|e| IdentityError::Invalid {
-                    path: shown.clone(),
-                    reason: e.to_string(),
-                })?;
+                let key_pair =
+                    rcgen::KeyPair::from_pem(&pem).map_err(|e| IdentityError::Invalid {
+                        path: shown.clone(),
+                        reason: e.to_string(),
+                    })?;
                 if key_pair.algorithm() != &rcgen::PKCS_ED25519 {
                     return Err(IdentityError::Invalid {
                         path: shown,
@@ -101,15 +101,16 @@ impl Identity {
     }
 
     fn from_key_pair(key_pair: rcgen::KeyPair) -> Result<Self, IdentityError> {
-        let id = PeerId(
-            key_pair
-                .public_key_raw()
-                .try_into()
-                .map_err(|_| IdentityError::Invalid {
-                    path: String::new(),
-                    reason: "public key is not 32 bytes".into(),
-                })?,
-        );
+        let id =
+            PeerId(
+                key_pair
+                    .public_key_raw()
+                    .try_into()
+                    .map_err(|_| IdentityError::Invalid {
+                        path: String::new(),
+                        reason: "public key is not 32 bytes".into(),
+                    })?,
+            );
         let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])?;
         let cert = params.self_signed(&key_pair)?.der().clone();
         Ok(Self { key_pair, cert, id })

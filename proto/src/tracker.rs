@@ -10,7 +10,7 @@
 //!  |<-- Welcome{observed} ------------|  3. welcome  (or Reject{reason}, then close)
 //!  |-- Thanks ----------------------->|  4. thanks
 //!  |                                  |  5. add to the list of online peers
-//!  |<-- ClientList{peers} ------------|  6. full list to the newcomer,
+//!  |<-- ClientList{peers, last} ------|  6. full list to the newcomer (paged),
 //!  |                                  |     Presence(Joined) to everyone else
 //!  |        ... Presence deltas, Lookup/LookupReply ...
 //!  |-- Logout ----------------------->|
@@ -22,6 +22,10 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{Name, PeerId};
+
+/// Most entries in one `ClientList` page, so that a page of peers with the
+/// maximum number of local addresses stays under [`crate::MAX_FRAME_LEN`].
+pub const LIST_PAGE: usize = 256;
 
 /// Frames a peer sends to the tracker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,8 +59,9 @@ pub enum FromTracker {
     },
     /// Step 3, refused: the reason is shown to the user; the tracker then closes.
     Reject { reason: RejectReason },
-    /// Step 6, to the newcomer only: everyone online, the newcomer included.
-    ClientList { peers: Vec<PeerInfo> },
+    /// Step 6, to the newcomer only: everyone online, the newcomer included,
+    /// in pages of at most [`LIST_PAGE`] entries; `last` marks the final page.
+    ClientList { peers: Vec<PeerInfo>, last: bool },
     /// One change to the list, pushed to every other online peer.
     Presence(PresenceChange),
     /// Reply to [`ToTracker::Lookup`]; `None` when the name is not online.

@@ -1,1 +1,200 @@
-//! x
+//! The tincan tracker: a rendezvous server that enrolls peers by unique name,
+//! keeps who is online, and pushes presence. It never carries messages.
+//!
+//! Layout:
+//! - [`Tracker`] (this file): the QUIC endpoint, its identity, the accept
+//!   loop with its connection limit, and shutdown. It owns every task.
+//! - [`session`]: one task per connection: enrollment, then presence
+//!   forwarding and lookups until logout or disconnect.
+//! - [`registry`]: who is online, and presence fan-out (the one place that
+//!   decides who hears about a change).
+//! - [`store`]: name → key bindings in SQLite, behind the [`store::NameStore`] trait.
+
+pub mod registry;
+pub mod session;
+pub mod store;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use quinn::{Endpoint, crypto::rustls::QuicServerConfig};
+use tincan_proto::{ALPN_TRACKER, PeerId, close, tls::Identity};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    registry::Registry,
+    session::Shared,
+    store::{NAME_RETENTION, SqliteNames},
+};
+
+/// Default for [`Config::max_peers`]: the most peers online at once.
+pub const DEFAULT_MAX_PEERS: usize = 100_000;
+/// Connections still in their handshake or enrollment, beyond `max_peers`.
+pub const MAX_ENROLLING: usize = 1_024;
+/// A connection with no packets for this long is dropped (peers send
+/// keep-alives at [`KEEP_ALIVE`], so only a vanished peer goes this quiet).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often peers ping to keep the tracker connection (and NAT mapping) alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(3);
+/// Streams a peer may have open to the tracker at once.
+pub const MAX_STREAMS_PER_PEER: u32 = 4;
+
+/// How a tracker is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Holds `tracker.key` (identity) and `tracker.db` (name bindings).
+    pub data_dir: PathBuf,
+    pub max_peers: usize,
+    pub name_retention: Duration,
+}
+
+impl Config {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            data_dir,
+            max_peers: DEFAULT_MAX_PEERS,
+            name_retention: NAME_RETENTION,
+        }
+    }
+}
+
+/// The tracker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] tincan_proto::tls::IdentityError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A bound, not yet running tracker.
+pub struct Tracker {
+    endpoint: Endpoint,
+    id: PeerId,
+    shared: Arc<Shared>,
+    max_connections: usize,
+}
+
+impl Tracker {
+    /// Loads (or creates) the identity and name store and binds the socket.
+    /// Must be called inside a tokio runtime.
+    pub fn bind(config: Config) -> Result<Self, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let identity = Identity::load_or_create(&config.data_dir.join("tracker.key"))?;
+        let names = SqliteNames::open(&config.data_dir.join("tracker.db"), config.name_retention)?;
+
+        let tls = tincan_proto::tls::server_config(&identity, &[ALPN_TRACKER])?;
+        let crypto = QuicServerConfig::try_from(tls).map_err(|e| StartError::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(
+                IDLE_TIMEOUT
+                    .try_into()
+                    .map_err(|_| StartError::Tls("idle timeout".into()))?,
+            ))
+            .max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into())
+            .max_concurrent_uni_streams(0u32.into());
+        server.transport_config(Arc::new(transport));
+        let endpoint =
+            Endpoint::server(server, config.listen).map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+
+        Ok(Self {
+            endpoint,
+            id: identity.id(),
+            shared: Arc::new(Shared {
+                registry: Registry::new(config.max_peers),
+                names: Box::new(names),
+                max_peers: u32::try_from(config.max_peers).unwrap_or(u32::MAX),
+            }),
+            max_connections: config.max_peers.saturating_add(MAX_ENROLLING),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The tracker's key, which peers pin.
+    pub fn id(&self) -> PeerId {
+        self.id
+    }
+
+    /// Accepts and serves peers until `shutdown` fires, then closes every
+    /// connection and waits for the session tasks to finish.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tasks = TaskTracker::new();
+        let open = Arc::new(AtomicUsize::new(0));
+        loop {
+            let incoming = tokio::select! {
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => incoming,
+                    None => break,
+                },
+                () = shutdown.cancelled() => break,
+            };
+            if open.load(Ordering::Relaxed) >= self.max_connections {
+                warn!(remote = %incoming.remote_address(), "connection limit reached, refusing");
+                incoming.refuse();
+                continue;
+            }
+            let guard = ConnectionSlot::take(open.clone());
+            let shared = self.shared.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                session::serve(incoming, shared, shutdown).await;
+                drop(guard);
+            });
+        }
+        info!("shutting down");
+        self.endpoint
+            .close(close::NORMAL.into(), b"tracker shutting down");
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(counter: Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,1 +1,84 @@
-fn main() {}
+//! `tracker`: parses arguments, sets up logging, runs [`tincan_tracker::Tracker`].
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::Parser;
+use tincan_tracker::{Config, DEFAULT_MAX_PEERS, Tracker};
+use tokio_util::sync::CancellationToken;
+
+/// tincan's rendezvous server: enrolls peers by name and tells them who is online.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Address and UDP port to listen on.
+    #[arg(long, default_value = "0.0.0.0:7777")]
+    listen: SocketAddr,
+    /// Where the tracker keeps its key and name bindings
+    /// [default: the platform data directory, e.g. ~/.local/share/tincan/tracker].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Most peers online at once.
+    #[arg(long, default_value_t = DEFAULT_MAX_PEERS)]
+    max_peers: usize,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tracker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn run(args: Args) -> anyhow::Result<()> {
+    let data_dir = match args.data_dir {
+        Some(dir) => dir,
+        None => directories::ProjectDirs::from("org", "tincan", "tincan")
+            .context("no home directory; pass --data-dir")?
+            .data_dir()
+            .join("tracker"),
+    };
+    let mut config = Config::new(args.listen, data_dir);
+    config.max_peers = args.max_peers;
+    let tracker = Tracker::bind(config)?;
+    let addr = tracker.local_addr().context("reading the bound address")?;
+    println!("tracker listening on {addr}");
+    println!("tracker key {}", tracker.id());
+
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signal.cancel();
+    });
+    tracker.run(shutdown).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,1013 @@
+//! Wire-format tests for `tincan-proto`: round trips, pinned bytes, hostile
+//! input and framing.
+//!
+//! - Property tests: every wire enum survives `codec::encode` → `codec::decode`.
+//! - Golden bytes: one fixed value per variant with its exact postcard bytes.
+//!   Postcard encodes enum variant indices as varints, so reordering or
+//!   inserting a variant (instead of appending) breaks these on purpose.
+//! - Malformed input: truncations, bit flips, trailing bytes, invalid names and
+//!   unknown variant indices are errors, never panics.
+//! - Framing: the typed `Codec` (4-byte big-endian length + postcard body).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+
+use bytes::BytesMut;
+use proptest::prelude::*;
+use proptest::sample::Index;
+use serde::{Serialize, de::DeserializeOwned};
+use tokio_util::codec::{Decoder, Encoder};
+
+use tincan_proto::codec::{self, Encoded};
+use tincan_proto::peer::{Refusal, ToReceiver, ToSender};
+use tincan_proto::tracker::{FromTracker, PeerInfo, PresenceChange, RejectReason, ToTracker};
+use tincan_proto::{Codec, FrameError, MAX_FRAME_LEN, MAX_LOCAL_ADDRS, MessageId, Name, PeerId};
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn name(s: &str) -> Name {
+    Name::parse(s).unwrap()
+}
+
+/// Hex to bytes, ignoring whitespace so golden literals can be grouped by field.
+fn unhex(s: &str) -> Vec<u8> {
+    let compact: String = s.split_whitespace().collect();
+    hex::decode(compact).unwrap()
+}
+
+fn round_trip<T: Serialize + DeserializeOwned>(value: &T) -> T {
+    let bytes = codec::encode(value).unwrap();
+    codec::decode(&bytes).unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Strategies
+// ---------------------------------------------------------------------------
+
+fn arb_name() -> impl Strategy<Value = Name> {
+    "[A-Za-z0-9_-]{1,32}".prop_map(|s| Name::parse(&s).unwrap())
+}
+
+fn arb_peer_id() -> impl Strategy<Value = PeerId> {
+    any::<[u8; 32]>().prop_map(PeerId)
+}
+
+fn arb_message_id() -> impl Strategy<Value = MessageId> {
+    any::<[u8; 16]>().prop_map(MessageId)
+}
+
+/// IPv4 and IPv6 addresses. IPv6 flow info and scope id are always zero: they
+/// are not on the wire (see `ipv6_flowinfo_and_scope_id_are_not_carried_on_the_wire`).
+fn arb_socket_addr() -> impl Strategy<Value = SocketAddr> {
+    prop_oneof![
+        (any::<[u8; 4]>(), any::<u16>())
+            .prop_map(|(ip, port)| SocketAddr::from((Ipv4Addr::from(ip), port))),
+        (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::from(ip),
+            port,
+            0,
+            0
+        ))),
+    ]
+}
+
+fn arb_local_addrs() -> impl Strategy<Value = Vec<SocketAddr>> {
+    prop::collection::vec(arb_socket_addr(), 0..=MAX_LOCAL_ADDRS)
+}
+
+fn arb_peer_info() -> impl Strategy<Value = PeerInfo> {
+    (
+        arb_name(),
+        arb_peer_id(),
+        arb_socket_addr(),
+        arb_local_addrs(),
+    )
+        .prop_map(|(name, id, observed, local_addrs)| PeerInfo {
+            name,
+            id,
+            observed,
+            local_addrs,
+        })
+}
+
+fn arb_presence_change() -> impl Strategy<Value = PresenceChange> {
+    prop_oneof![
+        arb_peer_info().prop_map(PresenceChange::Joined),
+        (arb_name(), arb_peer_id()).prop_map(|(name, id)| PresenceChange::Left { name, id }),
+    ]
+}
+
+fn arb_reject_reason() -> impl Strategy<Value = RejectReason> {
+    prop::sample::select(vec![
+        RejectReason::InvalidName,
+        RejectReason::NameInUse,
+        RejectReason::NameBound,
+        RejectReason::UnsupportedVersion,
+        RejectReason::TrackerFull,
+        RejectReason::ProtocolViolation,
+    ])
+}
+
+fn arb_refusal() -> impl Strategy<Value = Refusal> {
+    prop::sample::select(vec![Refusal::UnknownSender, Refusal::TooLarge])
+}
+
+fn arb_to_tracker() -> impl Strategy<Value = ToTracker> {
+    prop_oneof![
+        (arb_name(), any::<u16>(), arb_local_addrs()).prop_map(|(name, version, local_addrs)| {
+            ToTracker::Hello {
+                name,
+                version,
+                local_addrs,
+            }
+        }),
+        Just(ToTracker::Thanks),
+        (any::<u32>(), arb_name()).prop_map(|(req, name)| ToTracker::Lookup { req, name }),
+        Just(ToTracker::Logout),
+    ]
+}
+
+fn arb_from_tracker() -> impl Strategy<Value = FromTracker> {
+    prop_oneof![
+        (arb_socket_addr(), any::<u32>()).prop_map(|(observed, max_peers)| FromTracker::Welcome {
+            observed,
+            max_peers
+        }),
+        arb_reject_reason().prop_map(|reason| FromTracker::Reject { reason }),
+        (prop::collection::vec(arb_peer_info(), 0..6), any::<bool>())
+            .prop_map(|(peers, last)| FromTracker::ClientList { peers, last }),
+        arb_presence_change().prop_map(FromTracker::Presence),
+        (any::<u32>(), prop::option::of(arb_peer_info()))
+            .prop_map(|(req, peer)| FromTracker::LookupReply { req, peer }),
+        Just(FromTracker::Goodbye),
+        Just(FromTracker::Replaced),
+    ]
+}
+
+fn arb_to_receiver() -> impl Strategy<Value = ToReceiver> {
+    prop_oneof![
+        arb_name().prop_map(|from| ToReceiver::Open { from }),
+        (arb_message_id(), any::<u64>(), any::<String>()).prop_map(|(id, sent_at_ms, body)| {
+            ToReceiver::Msg {
+                id,
+                sent_at_ms,
+                body,
+            }
+        }),
+    ]
+}
+
+fn arb_to_sender() -> impl Strategy<Value = ToSender> {
+    prop_oneof![
+        arb_message_id().prop_map(|id| ToSender::Ack { id }),
+        arb_refusal().prop_map(|reason| ToSender::Refused { reason }),
+    ]
+}
+
+// ---------------------------------------------------------------------------
+// 1. Round-trip properties
+// ---------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn every_to_tracker_message_round_trips(msg in arb_to_tracker()) {
+        prop_assert_eq!(round_trip(&msg), msg);
+    }
+
+    #[test]
+    fn every_from_tracker_message_round_trips(msg in arb_from_tracker()) {
+        prop_assert_eq!(round_trip(&msg), msg);
+    }
+
+    #[test]
+    fn every_to_receiver_message_round_trips(msg in arb_to_receiver()) {
+        prop_assert_eq!(round_trip(&msg), msg);
+    }
+
+    #[test]
+    fn every_to_sender_message_round_trips(msg in arb_to_sender()) {
+        prop_assert_eq!(round_trip(&msg), msg);
+    }
+}
+
+#[test]
+fn ipv6_flowinfo_and_scope_id_are_not_carried_on_the_wire() {
+    // serde encodes a SocketAddrV6 as (ip, port) only: a link-local address
+    // announced with a scope id arrives with scope id 0.
+    let ip = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+    let scoped = SocketAddr::V6(SocketAddrV6::new(ip, 5000, 7, 3));
+    let bare = SocketAddr::V6(SocketAddrV6::new(ip, 5000, 0, 0));
+    assert_eq!(
+        codec::encode(&scoped).unwrap(),
+        codec::encode(&bare).unwrap()
+    );
+    assert_eq!(round_trip(&scoped), bare);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Golden bytes
+// ---------------------------------------------------------------------------
+
+/// A labelled value and its exact postcard encoding, as grouped hex.
+type Golden<T> = (&'static str, T, &'static str);
+
+fn peer_id_a() -> PeerId {
+    PeerId(std::array::from_fn(|i| i as u8)) // 00 01 .. 1f
+}
+
+fn peer_id_b() -> PeerId {
+    PeerId(std::array::from_fn(|i| 0xe0 + i as u8)) // e0 e1 .. ff
+}
+
+fn message_id() -> MessageId {
+    MessageId(std::array::from_fn(|i| 0xf0 + i as u8)) // f0 f1 .. ff
+}
+
+/// 192.168.1.20:5000
+fn lan_v4() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::new(192, 168, 1, 20), 5000))
+}
+
+/// [2001:db8::1]:443
+fn lan_v6() -> SocketAddr {
+    SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), 443))
+}
+
+/// 203.0.113.7:40000
+fn public_v4() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::new(203, 0, 113, 7), 40000))
+}
+
+fn alice_info() -> PeerInfo {
+    PeerInfo {
+        name: name("alice"),
+        id: peer_id_a(),
+        observed: public_v4(),
+        local_addrs: vec![lan_v4()],
+    }
+}
+
+fn bob_info() -> PeerInfo {
+    PeerInfo {
+        name: name("Bob-2_x"),
+        id: peer_id_b(),
+        observed: lan_v6(),
+        local_addrs: vec![],
+    }
+}
+
+// Hex of the fixed ids and of `alice_info()`, shared by several goldens.
+// Layout notes: `name` = varint length + UTF-8; `PeerId`/`MessageId` = raw
+// bytes; `SocketAddr` = variant (00 V4 | 01 V6) + octets + varint port;
+// `Vec` = varint count + items; `Option` = 00 | 01 + value; `bool` = 00 | 01.
+macro_rules! peer_id_a_hex {
+    () => {
+        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+    };
+}
+macro_rules! message_id_hex {
+    () => {
+        "f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"
+    };
+}
+macro_rules! alice_info_hex {
+    () => {
+        concat!(
+            "05 616c696365 ", // name "alice"
+            peer_id_a_hex!(),
+            " ",                    // id
+            "00 cb007107 c0b802 ",  // observed V4 203.0.113.7:40000
+            "01 00 c0a80114 8827 ", // local_addrs: [V4 192.168.1.20:5000]
+        )
+    };
+}
+
+fn to_tracker_goldens() -> Vec<Golden<ToTracker>> {
+    vec![
+        (
+            "Hello",
+            ToTracker::Hello {
+                name: name("alice"),
+                version: 1,
+                local_addrs: vec![lan_v4(), lan_v6()],
+            },
+            concat!(
+                "00 ",                                      // variant Hello
+                "05 616c696365 ",                           // name "alice"
+                "01 ",                                      // version 1
+                "02 ",                                      // 2 local addrs
+                "00 c0a80114 8827 ",                        // V4 192.168.1.20:5000
+                "01 20010db8000000000000000000000001 bb03", // V6 [2001:db8::1]:443
+            ),
+        ),
+        ("Thanks", ToTracker::Thanks, "01"),
+        (
+            "Lookup",
+            ToTracker::Lookup {
+                req: 300,
+                name: name("alice"),
+            },
+            "02 ac02 05 616c696365", // req 300 (two-byte varint), name
+        ),
+        ("Logout", ToTracker::Logout, "03"),
+    ]
+}
+
+fn from_tracker_goldens() -> Vec<Golden<FromTracker>> {
+    vec![
+        (
+            "Welcome",
+            FromTracker::Welcome {
+                observed: public_v4(),
+                max_peers: 1000,
+            },
+            "00 00 cb007107 c0b802 e807", // observed, max_peers 1000
+        ),
+        (
+            "Reject(InvalidName)",
+            FromTracker::Reject {
+                reason: RejectReason::InvalidName,
+            },
+            "01 00",
+        ),
+        (
+            "Reject(NameInUse)",
+            FromTracker::Reject {
+                reason: RejectReason::NameInUse,
+            },
+            "01 01",
+        ),
+        (
+            "Reject(NameBound)",
+            FromTracker::Reject {
+                reason: RejectReason::NameBound,
+            },
+            "01 02",
+        ),
+        (
+            "Reject(UnsupportedVersion)",
+            FromTracker::Reject {
+                reason: RejectReason::UnsupportedVersion,
+            },
+            "01 03",
+        ),
+        (
+            "Reject(TrackerFull)",
+            FromTracker::Reject {
+                reason: RejectReason::TrackerFull,
+            },
+            "01 04",
+        ),
+        (
+            "Reject(ProtocolViolation)",
+            FromTracker::Reject {
+                reason: RejectReason::ProtocolViolation,
+            },
+            "01 05",
+        ),
+        (
+            "ClientList(page)",
+            FromTracker::ClientList {
+                peers: vec![alice_info(), bob_info()],
+                last: false,
+            },
+            concat!(
+                "02 02 ", // variant ClientList, 2 peers
+                alice_info_hex!(),
+                "07 426f622d325f78 ", // name "Bob-2_x"
+                "e0e1e2e3e4e5e6e7e8e9eaebecedeeeff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff ",
+                "01 20010db8000000000000000000000001 bb03 ", // observed V6
+                "00 ",                                       // no local addrs
+                "00",                                        // last: false
+            ),
+        ),
+        (
+            "ClientList(last, empty)",
+            FromTracker::ClientList {
+                peers: vec![],
+                last: true,
+            },
+            "02 00 01",
+        ),
+        (
+            "Presence(Joined)",
+            FromTracker::Presence(PresenceChange::Joined(alice_info())),
+            concat!("03 00 ", alice_info_hex!()),
+        ),
+        (
+            "Presence(Left)",
+            FromTracker::Presence(PresenceChange::Left {
+                name: name("alice"),
+                id: peer_id_a(),
+            }),
+            concat!("03 01 05 616c696365 ", peer_id_a_hex!()),
+        ),
+        (
+            "LookupReply(Some)",
+            FromTracker::LookupReply {
+                req: 300,
+                peer: Some(alice_info()),
+            },
+            concat!("04 ac02 01 ", alice_info_hex!()),
+        ),
+        (
+            "LookupReply(None)",
+            FromTracker::LookupReply { req: 7, peer: None },
+            "04 07 00",
+        ),
+        ("Goodbye", FromTracker::Goodbye, "05"),
+        ("Replaced", FromTracker::Replaced, "06"),
+    ]
+}
+
+fn to_receiver_goldens() -> Vec<Golden<ToReceiver>> {
+    vec![
+        (
+            "Open",
+            ToReceiver::Open {
+                from: name("alice"),
+            },
+            "00 05 616c696365",
+        ),
+        (
+            "Msg",
+            ToReceiver::Msg {
+                id: message_id(),
+                sent_at_ms: 1_700_000_000_000,
+                body: "hi ☃".to_owned(),
+            },
+            concat!(
+                "01 ",
+                message_id_hex!(),
+                " 80d095ffbc31",    // sent_at_ms, six-byte varint
+                " 06 686920e29883", // body: 6 UTF-8 bytes
+            ),
+        ),
+    ]
+}
+
+fn to_sender_goldens() -> Vec<Golden<ToSender>> {
+    vec![
+        (
+            "Ack",
+            ToSender::Ack { id: message_id() },
+            concat!("00 ", message_id_hex!()),
+        ),
+        (
+            "Refused(UnknownSender)",
+            ToSender::Refused {
+                reason: Refusal::UnknownSender,
+            },
+            "01 00",
+        ),
+        (
+            "Refused(TooLarge)",
+            ToSender::Refused {
+                reason: Refusal::TooLarge,
+            },
+            "01 01",
+        ),
+    ]
+}
+
+/// Postcard variant index of each message, by exhaustive match: a new variant
+/// stops this file compiling until it is given an index here (and the count
+/// below is bumped, which `goldens_cover_every_variant_at_its_index` then
+/// enforces with a golden).
+fn to_tracker_index(m: &ToTracker) -> u8 {
+    match m {
+        ToTracker::Hello { .. } => 0,
+        ToTracker::Thanks => 1,
+        ToTracker::Lookup { .. } => 2,
+        ToTracker::Logout => 3,
+    }
+}
+const TO_TRACKER_VARIANTS: u8 = 4;
+
+fn from_tracker_index(m: &FromTracker) -> u8 {
+    match m {
+        FromTracker::Welcome { .. } => 0,
+        FromTracker::Reject { .. } => 1,
+        FromTracker::ClientList { .. } => 2,
+        FromTracker::Presence(_) => 3,
+        FromTracker::LookupReply { .. } => 4,
+        FromTracker::Goodbye => 5,
+        FromTracker::Replaced => 6,
+    }
+}
+const FROM_TRACKER_VARIANTS: u8 = 7;
+
+fn to_receiver_index(m: &ToReceiver) -> u8 {
+    match m {
+        ToReceiver::Open { .. } => 0,
+        ToReceiver::Msg { .. } => 1,
+    }
+}
+const TO_RECEIVER_VARIANTS: u8 = 2;
+
+fn to_sender_index(m: &ToSender) -> u8 {
+    match m {
+        ToSender::Ack { .. } => 0,
+        ToSender::Refused { .. } => 1,
+    }
+}
+const TO_SENDER_VARIANTS: u8 = 2;
+
+/// Every golden encodes to exactly its literal, and the literal decodes back.
+fn assert_goldens<T>(goldens: &[Golden<T>])
+where
+    T: Serialize + DeserializeOwned + PartialEq + Debug,
+{
+    for (label, value, hex) in goldens {
+        let want = unhex(hex);
+        let got = codec::encode(value).unwrap();
+        assert_eq!(
+            hex::encode(&got),
+            hex::encode(&want),
+            "{label}: the encoding changed"
+        );
+        assert_eq!(
+            &codec::decode::<T>(&want).unwrap(),
+            value,
+            "{label}: the golden bytes decode differently"
+        );
+    }
+}
+
+fn assert_covers_every_variant<T>(goldens: &[Golden<T>], index: fn(&T) -> u8, variants: u8) {
+    let mut seen = BTreeSet::new();
+    for (label, value, hex) in goldens {
+        let i = index(value);
+        assert_eq!(
+            unhex(hex)[0],
+            i,
+            "{label}: first byte is not the variant index"
+        );
+        seen.insert(i);
+    }
+    let all: BTreeSet<u8> = (0..variants).collect();
+    assert_eq!(seen, all, "some variant has no golden");
+}
+
+#[test]
+fn to_tracker_encodings_match_golden_bytes() {
+    assert_goldens(&to_tracker_goldens());
+}
+
+#[test]
+fn from_tracker_encodings_match_golden_bytes() {
+    assert_goldens(&from_tracker_goldens());
+}
+
+#[test]
+fn to_receiver_encodings_match_golden_bytes() {
+    assert_goldens(&to_receiver_goldens());
+}
+
+#[test]
+fn to_sender_encodings_match_golden_bytes() {
+    assert_goldens(&to_sender_goldens());
+}
+
+#[test]
+fn goldens_cover_every_variant_at_its_index() {
+    assert_covers_every_variant(&to_tracker_goldens(), to_tracker_index, TO_TRACKER_VARIANTS);
+    assert_covers_every_variant(
+        &from_tracker_goldens(),
+        from_tracker_index,
+        FROM_TRACKER_VARIANTS,
+    );
+    assert_covers_every_variant(
+        &to_receiver_goldens(),
+        to_receiver_index,
+        TO_RECEIVER_VARIANTS,
+    );
+    assert_covers_every_variant(&to_sender_goldens(), to_sender_index, TO_SENDER_VARIANTS);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Malformed input
+// ---------------------------------------------------------------------------
+
+fn assert_every_truncation_fails<T: DeserializeOwned + Debug>(goldens: &[Golden<T>]) {
+    for (label, _, hex) in goldens {
+        let bytes = unhex(hex);
+        for len in 0..bytes.len() {
+            let res = codec::decode::<T>(&bytes[..len]);
+            assert!(
+                matches!(res, Err(FrameError::Malformed(_))),
+                "{label} cut to {len} of {} bytes: {res:?}",
+                bytes.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_strict_prefix_of_every_golden_encoding_is_an_error() {
+    assert_every_truncation_fails(&to_tracker_goldens());
+    assert_every_truncation_fails(&from_tracker_goldens());
+    assert_every_truncation_fails(&to_receiver_goldens());
+    assert_every_truncation_fails(&to_sender_goldens());
+}
+
+/// Flips the given bits of `value`'s encoding and decodes the result, which
+/// must not panic. If it decodes at all, the value must itself round-trip.
+fn decode_with_flipped_bits<T>(value: &T, flips: &[(Index, u8)]) -> Result<(), TestCaseError>
+where
+    T: Serialize + DeserializeOwned + PartialEq + Debug,
+{
+    let mut bytes = codec::encode(value).unwrap().to_vec();
+    for (at, bit) in flips {
+        let i = at.index(bytes.len());
+        bytes[i] ^= 1 << bit;
+    }
+    if let Ok(decoded) = codec::decode::<T>(&bytes) {
+        prop_assert_eq!(&round_trip(&decoded), &decoded);
+    }
+    Ok(())
+}
+
+/// A valid encoding followed by one more byte is refused as trailing data.
+fn decode_with_trailing_byte<T>(value: &T, extra: u8) -> Result<(), TestCaseError>
+where
+    T: Serialize + DeserializeOwned + Debug,
+{
+    let mut bytes = codec::encode(value).unwrap().to_vec();
+    bytes.push(extra);
+    let res = codec::decode::<T>(&bytes);
+    prop_assert!(matches!(res, Err(FrameError::Trailing(1))), "{:?}", res);
+    Ok(())
+}
+
+fn arb_flips() -> impl Strategy<Value = Vec<(Index, u8)>> {
+    prop::collection::vec((any::<Index>(), 0u8..8), 1..4)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn bit_flips_in_to_tracker_encodings_never_panic(msg in arb_to_tracker(), flips in arb_flips()) {
+        decode_with_flipped_bits(&msg, &flips)?;
+    }
+
+    #[test]
+    fn bit_flips_in_from_tracker_encodings_never_panic(msg in arb_from_tracker(), flips in arb_flips()) {
+        decode_with_flipped_bits(&msg, &flips)?;
+    }
+
+    #[test]
+    fn bit_flips_in_to_receiver_encodings_never_panic(msg in arb_to_receiver(), flips in arb_flips()) {
+        decode_with_flipped_bits(&msg, &flips)?;
+    }
+
+    #[test]
+    fn bit_flips_in_to_sender_encodings_never_panic(msg in arb_to_sender(), flips in arb_flips()) {
+        decode_with_flipped_bits(&msg, &flips)?;
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_any_decoder(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        let _ = codec::decode::<ToTracker>(&bytes);
+        let _ = codec::decode::<FromTracker>(&bytes);
+        let _ = codec::decode::<ToReceiver>(&bytes);
+        let _ = codec::decode::<ToSender>(&bytes);
+    }
+
+    #[test]
+    fn a_trailing_byte_after_any_valid_message_is_a_trailing_error(
+        up in arb_to_tracker(),
+        down in arb_from_tracker(),
+        msg in arb_to_receiver(),
+        ack in arb_to_sender(),
+        extra in any::<u8>(),
+    ) {
+        decode_with_trailing_byte(&up, extra)?;
+        decode_with_trailing_byte(&down, extra)?;
+        decode_with_trailing_byte(&msg, extra)?;
+        decode_with_trailing_byte(&ack, extra)?;
+    }
+}
+
+/// A `Hello` built by hand: variant 0, name, version 1, no local addresses.
+fn hello_bytes(name: &[u8]) -> Vec<u8> {
+    let len = u8::try_from(name.len()).unwrap();
+    assert!(len < 0x80, "one-byte varint only");
+    let mut bytes = vec![0x00, len];
+    bytes.extend_from_slice(name);
+    bytes.extend_from_slice(&[0x01, 0x00]);
+    bytes
+}
+
+#[test]
+fn hello_with_an_invalid_name_is_rejected() {
+    // Control: the hand-built encoding is right, so the failures below are
+    // about the name and nothing else.
+    for ok in ["alice", "A_b-9", &"z".repeat(32)] {
+        assert_eq!(
+            codec::decode::<ToTracker>(&hello_bytes(ok.as_bytes())).unwrap(),
+            ToTracker::Hello {
+                name: name(ok),
+                version: 1,
+                local_addrs: vec![],
+            }
+        );
+    }
+    let long = "z".repeat(33);
+    let bad: [&[u8]; 8] = [
+        b"",              // empty
+        b"al ice",        // space
+        long.as_bytes(),  // 33 characters
+        b"a/b",           // punctuation
+        b"alice\n",       // control character
+        "bøb".as_bytes(), // valid UTF-8, not ASCII
+        b"\xff\xfe",      // not UTF-8
+        b"a\0b",          // NUL
+    ];
+    for name in bad {
+        let res = codec::decode::<ToTracker>(&hello_bytes(name));
+        assert!(
+            matches!(res, Err(FrameError::Malformed(_))),
+            "{:?} decoded as {res:?}",
+            String::from_utf8_lossy(name)
+        );
+    }
+}
+
+/// Replaces the first `alice` in the encoding with `al ce` (same length) and
+/// asserts the result no longer decodes.
+fn assert_spaced_name_rejected<T: DeserializeOwned + Debug>(goldens: &[Golden<T>]) -> usize {
+    let mut checked = 0;
+    for (label, _, hex) in goldens {
+        let mut bytes = unhex(hex);
+        let Some(at) = bytes.windows(5).position(|w| w == b"alice") else {
+            continue;
+        };
+        bytes[at + 2] = b' ';
+        let res = codec::decode::<T>(&bytes);
+        assert!(
+            matches!(res, Err(FrameError::Malformed(_))),
+            "{label} with name \"al ce\": {res:?}"
+        );
+        checked += 1;
+    }
+    checked
+}
+
+#[test]
+fn an_invalid_name_in_any_message_that_carries_one_is_rejected() {
+    // Hello, Lookup; ClientList, Presence(Joined/Left), LookupReply(Some); Open.
+    assert_eq!(assert_spaced_name_rejected(&to_tracker_goldens()), 2);
+    assert_eq!(assert_spaced_name_rejected(&from_tracker_goldens()), 4);
+    assert_eq!(assert_spaced_name_rejected(&to_receiver_goldens()), 1);
+}
+
+#[test]
+fn unknown_variant_indices_and_invalid_tags_are_rejected() {
+    fn bad<T: DeserializeOwned + Debug>(hex: &str) {
+        let res = codec::decode::<T>(&unhex(hex));
+        assert!(
+            matches!(res, Err(FrameError::Malformed(_))),
+            "{hex} decoded as {res:?}"
+        );
+    }
+    bad::<ToTracker>("04"); // one past Logout
+    bad::<ToTracker>("7f");
+    bad::<ToTracker>("8001"); // varint 128
+    bad::<ToTracker>("02 ffffffffff01 01 61"); // Lookup.req overflows u32
+    bad::<FromTracker>("07"); // one past Replaced
+    bad::<FromTracker>("00 02 cb007107 c0b802 e807"); // SocketAddr tag 2
+    bad::<FromTracker>("01 06"); // RejectReason one past ProtocolViolation
+    bad::<FromTracker>("02 00 02"); // ClientList.last is neither 0 nor 1
+    bad::<FromTracker>("03 02"); // PresenceChange one past Left
+    bad::<FromTracker>("04 07 02"); // Option tag 2
+    bad::<ToReceiver>("02"); // one past Msg
+    bad::<ToReceiver>(concat!("01 ", message_id_hex!(), " 00 02 fffe")); // body not UTF-8
+    bad::<ToSender>("02"); // one past Refused
+    bad::<ToSender>("01 02"); // Refusal one past TooLarge
+}
+
+// ---------------------------------------------------------------------------
+// 4. Framing through the typed Codec
+// ---------------------------------------------------------------------------
+
+/// Sends `value` from a `Codec<Back, T>` to a `Codec<T, Back>` (the two ends
+/// of one stream) and checks the frame layout on the way.
+fn frame_round_trip<T, Back>(value: T) -> T
+where
+    T: Serialize + DeserializeOwned + Clone,
+{
+    let mut sender = Codec::<Back, T>::default();
+    let mut receiver = Codec::<T, Back>::default();
+    let mut buf = BytesMut::new();
+    sender.encode(value.clone(), &mut buf).unwrap();
+
+    let body = codec::encode(&value).unwrap();
+    let len = u32::try_from(body.len()).unwrap();
+    assert_eq!(
+        &buf[..4],
+        &len.to_be_bytes(),
+        "4-byte big-endian length prefix"
+    );
+    assert_eq!(&buf[4..], &body[..], "postcard body");
+
+    let decoded = receiver.decode(&mut buf).unwrap().unwrap();
+    assert!(buf.is_empty(), "the whole frame was consumed");
+    decoded
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn codec_frames_round_trip_on_both_protocols_in_both_directions(
+        up in arb_to_tracker(),
+        down in arb_from_tracker(),
+        msg in arb_to_receiver(),
+        ack in arb_to_sender(),
+    ) {
+        prop_assert_eq!(frame_round_trip::<_, FromTracker>(up.clone()), up);
+        prop_assert_eq!(frame_round_trip::<_, ToTracker>(down.clone()), down);
+        prop_assert_eq!(frame_round_trip::<_, ToSender>(msg.clone()), msg);
+        prop_assert_eq!(frame_round_trip::<_, ToReceiver>(ack.clone()), ack);
+    }
+}
+
+#[test]
+fn frame_is_a_four_byte_big_endian_length_then_the_postcard_body() {
+    let mut peer = Codec::<FromTracker, ToTracker>::default();
+    let mut buf = BytesMut::new();
+    peer.encode(ToTracker::Thanks, &mut buf).unwrap();
+    peer.encode(
+        ToTracker::Lookup {
+            req: 300,
+            name: name("alice"),
+        },
+        &mut buf,
+    )
+    .unwrap();
+    assert_eq!(
+        hex::encode(&buf),
+        hex::encode(unhex("00000001 01  00000009 02 ac02 05 616c696365"))
+    );
+}
+
+#[test]
+fn length_prefix_over_max_frame_len_is_an_error_without_allocating_the_frame() {
+    let over = u32::try_from(MAX_FRAME_LEN + 1).unwrap();
+    for len in [over, 1 << 30, u32::MAX] {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&len.to_be_bytes());
+        buf.extend_from_slice(&[0x01; 16]);
+        let res = Codec::<ToTracker, FromTracker>::default().decode(&mut buf);
+        match res {
+            Err(FrameError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::InvalidData),
+            other => panic!("length {len}: expected an I/O error, got {other:?}"),
+        }
+        assert!(
+            buf.capacity() < MAX_FRAME_LEN,
+            "length {len}: buffer grew to {}",
+            buf.capacity()
+        );
+    }
+}
+
+#[test]
+fn length_prefix_of_exactly_max_frame_len_is_accepted_and_waits_for_the_body() {
+    let max = u32::try_from(MAX_FRAME_LEN).unwrap();
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&max.to_be_bytes());
+    buf.extend_from_slice(&[0x01; 16]);
+    let res = Codec::<ToTracker, FromTracker>::default().decode(&mut buf);
+    assert!(matches!(res, Ok(None)), "{res:?}");
+}
+
+#[test]
+fn a_partial_frame_decodes_to_none_until_its_last_byte_arrives() {
+    let hello = to_tracker_goldens().swap_remove(0).1;
+    let mut frame = BytesMut::new();
+    Codec::<FromTracker, ToTracker>::default()
+        .encode(hello.clone(), &mut frame)
+        .unwrap();
+
+    let mut tracker = Codec::<ToTracker, FromTracker>::default();
+    let mut buf = BytesMut::new();
+    let (last, rest) = frame.split_last().unwrap();
+    for &byte in rest {
+        buf.extend_from_slice(&[byte]);
+        assert!(matches!(tracker.decode(&mut buf), Ok(None)));
+    }
+    buf.extend_from_slice(&[*last]);
+    assert_eq!(tracker.decode(&mut buf).unwrap(), Some(hello));
+    assert!(buf.is_empty());
+    assert!(matches!(tracker.decode(&mut buf), Ok(None)));
+}
+
+#[test]
+fn two_frames_back_to_back_decode_as_two_items_in_order() {
+    let open = ToReceiver::Open {
+        from: name("alice"),
+    };
+    let msg = to_receiver_goldens().swap_remove(1).1;
+    let mut sender = Codec::<ToSender, ToReceiver>::default();
+    let mut buf = BytesMut::new();
+    sender.encode(open.clone(), &mut buf).unwrap();
+    sender.encode(msg.clone(), &mut buf).unwrap();
+
+    let mut receiver = Codec::<ToReceiver, ToSender>::default();
+    assert_eq!(receiver.decode(&mut buf).unwrap(), Some(open));
+    assert_eq!(receiver.decode(&mut buf).unwrap(), Some(msg));
+    assert_eq!(receiver.decode(&mut buf).unwrap(), None);
+    assert!(buf.is_empty());
+}
+
+#[test]
+fn pre_encoded_frames_are_byte_identical_to_direct_encoding_and_decode_the_same() {
+    let change = FromTracker::Presence(PresenceChange::Joined(alice_info()));
+    let mut tracker = Codec::<ToTracker, FromTracker>::default();
+
+    let mut direct = BytesMut::new();
+    tracker.encode(change.clone(), &mut direct).unwrap();
+
+    // Encoded once, written to three recipients (the tracker's fan-out).
+    let pre = Encoded::new(&change).unwrap();
+    assert_eq!(pre.len(), codec::encode(&change).unwrap().len());
+    assert!(!pre.is_empty());
+    let mut fan_out = BytesMut::new();
+    for _ in 0..3 {
+        tracker.encode(pre.clone(), &mut fan_out).unwrap();
+    }
+    assert_eq!(&fan_out[..], &direct.repeat(3)[..]);
+
+    let mut peer = Codec::<FromTracker, ToTracker>::default();
+    for _ in 0..3 {
+        assert_eq!(peer.decode(&mut fan_out).unwrap(), Some(change.clone()));
+    }
+    assert!(fan_out.is_empty());
+}
+
+/// A `Msg` whose encoding is `MAX_FRAME_LEN + over` bytes: variant (1) + id
+/// (16) + `sent_at_ms` 0 (1) + three-byte body length varint + body.
+fn msg_encoding_to(over: usize) -> ToReceiver {
+    ToReceiver::Msg {
+        id: message_id(),
+        sent_at_ms: 0,
+        body: "x".repeat(MAX_FRAME_LEN - 21 + over),
+    }
+}
+
+#[test]
+fn a_value_of_exactly_max_frame_len_encodes_and_frames() {
+    let msg = msg_encoding_to(0);
+    assert_eq!(codec::encode(&msg).unwrap().len(), MAX_FRAME_LEN);
+    assert_eq!(frame_round_trip::<_, ToSender>(msg.clone()), msg);
+}
+
+#[test]
+fn encoding_a_value_past_max_frame_len_is_too_large_and_writes_nothing() {
+    for over in [1, MAX_FRAME_LEN] {
+        let msg = msg_encoding_to(over);
+        let n = match codec::encode(&msg) {
+            Err(FrameError::TooLarge(n)) => n,
+            other => panic!("expected TooLarge, got {other:?}"),
+        };
+        assert!(n > MAX_FRAME_LEN);
+        if over == 1 {
+            assert_eq!(n, MAX_FRAME_LEN + 1);
+        }
+        assert!(matches!(Encoded::new(&msg), Err(FrameError::TooLarge(_))));
+
+        let mut dst = BytesMut::new();
+        let res = Codec::<ToSender, ToReceiver>::default().encode(msg, &mut dst);
+        assert!(matches!(res, Err(FrameError::TooLarge(_))), "{res:?}");
+        assert!(dst.is_empty(), "nothing was written for a refused frame");
+    }
+}
+
+#[test]
+fn a_well_framed_but_malformed_body_is_an_error() {
+    let mut tracker = Codec::<ToTracker, FromTracker>::default();
+    for (hex, what) in [
+        ("00000000", "empty body"),
+        ("00000001 ff", "unknown variant"),
+        ("00000002 05 61", "truncated Hello"),
+    ] {
+        let mut buf = BytesMut::from(&unhex(hex)[..]);
+        let res = tracker.decode(&mut buf);
+        assert!(
+            matches!(res, Err(FrameError::Malformed(_))),
+            "{what}: {res:?}"
+        );
+    }
+    let mut buf = BytesMut::from(&unhex("00000002 01 00")[..]); // Thanks + 1 byte
+    let res = tracker.decode(&mut buf);
+    assert!(matches!(res, Err(FrameError::Trailing(1))), "{res:?}");
+}

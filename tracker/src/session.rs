@@ -1,0 +1,329 @@
+//! One task per connection: enrollment (hello → welcome → thanks), then
+//! forwarding presence to the peer and answering its lookups until it logs
+//! out, is replaced, falls behind, or goes silent.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use quinn::{Connection, RecvStream, SendStream};
+use tincan_proto::{
+    Codec, FrameError, Name, PROTOCOL_VERSION, PeerId, close,
+    codec::Encoded,
+    tracker::{FromTracker, LIST_PAGE, PeerInfo, RejectReason, ToTracker},
+};
+use tokio::{sync::broadcast::error::RecvError, time::timeout};
+use tokio_util::{
+    codec::{FramedRead, FramedWrite},
+    sync::CancellationToken,
+};
+use tracing::{Instrument, debug, info, warn};
+
+use crate::{
+    registry::{JoinError, Registry},
+    store::{NameStore, now_secs},
+};
+
+/// Longest wait for each enrollment step (handshake, Hello, Thanks).
+pub const ENROLL_STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a write to one peer may block before the peer is dropped as a laggard.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After Reject or Goodbye, how long the tracker waits for the peer to close
+/// the connection itself (so the last frame is not cut off) before closing it.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+type Reader = FramedRead<RecvStream, Codec<ToTracker, ()>>;
+type Writer = FramedWrite<SendStream, Codec<(), FromTracker>>;
+
+/// What every session shares.
+pub struct Shared {
+    pub registry: Registry,
+    pub names: Box<dyn NameStore>,
+    pub max_peers: u32,
+}
+
+/// Why a session ended other than by logout.
+#[derive(Debug, thiserror::Error)]
+enum End {
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("stream closed during enrollment")]
+    Eof,
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    #[error("rejected: {0}")]
+    Rejected(RejectReason),
+    #[error("replaced by a newer session of the same key")]
+    Replaced,
+    #[error("fell behind on presence updates")]
+    Lagging,
+    #[error("tracker shutting down")]
+    Shutdown,
+}
+
+impl End {
+    fn close_code(&self) -> u32 {
+        match self {
+            End::Frame(_) => close::BAD_FRAME,
+            End::Protocol(_) => close::PROTOCOL,
+            End::Rejected(_) => close::REJECTED,
+            End::Replaced => close::REPLACED,
+            End::Lagging => close::LAGGING,
+            End::Timeout(_) => close::TIMEOUT,
+            End::Connection(_) | End::Eof | End::Shutdown => close::NORMAL,
+        }
+    }
+}
+
+/// Serves one accepted connection until it ends; never panics on peer input.
+pub async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let remote = incoming.remote_address();
+    let conn = match timeout(ENROLL_STEP_TIMEOUT, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return debug!(%remote, error = %e, "handshake failed"),
+        Err(_) => return debug!(%remote, "handshake timed out"),
+    };
+    let id = match conn
+        .peer_identity()
+        .and_then(|any| {
+            any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .map(|certs| tincan_proto::tls::remote_id(&certs))
+    {
+        Some(Ok(id)) => id,
+        _ => {
+            conn.close(close::UNAUTHORIZED.into(), b"no usable client certificate");
+            return;
+        }
+    };
+    let span = tracing::info_span!("peer", id = %id.short(), %remote);
+    async move {
+        let mut session = Session {
+            conn: conn.clone(),
+            id,
+            shared,
+            name: None,
+        };
+        match session.run(shutdown).await {
+            Ok(()) => {}
+            Err(End::Connection(e)) => info!(reason = %e, "connection ended"),
+            Err(end) => {
+                info!(reason = %end, "closing session");
+                conn.close(end.close_code().into(), end.to_string().as_bytes());
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+struct Session {
+    conn: Connection,
+    id: PeerId,
+    shared: Arc<Shared>,
+    /// Set once the peer is on the online list; cleared when it leaves.
+    name: Option<(Name, u64)>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some((name, session)) = self.name.take() {
+            self.leave(&name, session);
+        }
+    }
+}
+
+impl Session {
+    fn leave(&self, name: &Name, session: u64) {
+        if self.shared.registry.leave(name, session) {
+            info!(name = %name, "left");
+            if let Err(e) = self.shared.names.touch(name, self.id, now_secs()) {
+                warn!(error = %e, "cannot record last use of name");
+            }
+        }
+    }
+
+    async fn run(&mut self, shutdown: CancellationToken) -> Result<(), End> {
+        let (send, recv) = step("the control stream", self.conn.accept_bi()).await??;
+        let mut reader: Reader = FramedRead::new(recv, Codec::default());
+        let mut writer: Writer = FramedWrite::new(send, Codec::default());
+
+        // 1. hello
+        let (name, local_addrs) = match step("Hello", reader.next()).await? {
+            Some(Ok(ToTracker::Hello {
+                name,
+                version,
+                local_addrs,
+            })) => {
+                if version != PROTOCOL_VERSION {
+                    return self
+                        .reject(&mut writer, RejectReason::UnsupportedVersion)
+                        .await;
+                }
+                if local_addrs.len() > tincan_proto::MAX_LOCAL_ADDRS {
+                    return self
+                        .reject(&mut writer, RejectReason::ProtocolViolation)
+                        .await;
+                }
+                (name, local_addrs)
+            }
+            Some(Ok(_)) => return Err(End::Protocol("expected Hello")),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(End::Eof),
+        };
+
+        // 2. is the name free for this key: not online under another key,
+        //    not bound to another key within the retention window.
+        if let Err(reason) = self.shared.registry.check(&name, self.id) {
+            return self.reject(&mut writer, reason).await;
+        }
+        match self.shared.names.bind(&name, self.id, now_secs()) {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return self.reject(&mut writer, RejectReason::NameBound).await,
+            Err(e) => {
+                warn!(error = %e, "name store failed");
+                return self.reject(&mut writer, RejectReason::TrackerFull).await;
+            }
+        }
+
+        // 3. welcome, with the address the peer's packets come from
+        let observed = self.conn.remote_address();
+        self.write(
+            &mut writer,
+            FromTracker::Welcome {
+                observed,
+                max_peers: self.shared.max_peers,
+            },
+        )
+        .await?;
+
+        // 4. thanks
+        match step("Thanks", reader.next()).await? {
+            Some(Ok(ToTracker::Thanks)) => {}
+            Some(Ok(_)) => return Err(End::Protocol("expected Thanks")),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(End::Eof),
+        }
+
+        // 5. onto the list (and everyone else hears of it)
+        let info = PeerInfo {
+            name: name.clone(),
+            id: self.id,
+            observed,
+            local_addrs,
+        };
+        let joined = match self.shared.registry.join(info) {
+            Ok(joined) => joined,
+            Err(JoinError::Rejected(reason)) => return self.reject(&mut writer, reason).await,
+            Err(JoinError::Encode(e)) => return Err(e.into()),
+        };
+        self.name = Some((name.clone(), joined.session));
+        info!(name = %name, %observed, online = self.shared.registry.online(), "enrolled");
+
+        // 6. the full list, to the newcomer only, in pages
+        let mut pages = joined.snapshot.chunks(LIST_PAGE).peekable();
+        if pages.peek().is_none() {
+            self.write(
+                &mut writer,
+                FromTracker::ClientList {
+                    peers: vec![],
+                    last: true,
+                },
+            )
+            .await?;
+        }
+        while let Some(page) = pages.next() {
+            let peers = page.iter().map(|p| PeerInfo::clone(p)).collect();
+            let last = pages.peek().is_none();
+            self.write(&mut writer, FromTracker::ClientList { peers, last })
+                .await?;
+        }
+
+        let mut presence = joined.presence;
+        let replaced = joined.replaced;
+        loop {
+            tokio::select! {
+                frame = reader.next() => match frame {
+                    Some(Ok(ToTracker::Lookup { req, name })) => {
+                        let peer = self.shared.registry.lookup(&name);
+                        self.write(&mut writer, FromTracker::LookupReply { req, peer }).await?;
+                    }
+                    Some(Ok(ToTracker::Logout)) => return self.goodbye(&mut writer).await,
+                    Some(Ok(_)) => return Err(End::Protocol("enrollment frame after enrollment")),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(End::Eof),
+                },
+                event = presence.recv() => match event {
+                    Ok(event) if event.origin == joined.session => {}
+                    Ok(event) => self.write_encoded(&mut writer, event.frame).await?,
+                    Err(RecvError::Lagged(n)) => {
+                        warn!(missed = n, "peer fell behind on presence");
+                        return Err(End::Lagging);
+                    }
+                    Err(RecvError::Closed) => return Err(End::Shutdown),
+                },
+                () = replaced.cancelled() => {
+                    // Best effort: the peer may already be gone.
+                    let _ = self.write(&mut writer, FromTracker::Replaced).await;
+                    self.name = None;
+                    return Err(End::Replaced);
+                }
+                () = shutdown.cancelled() => return Err(End::Shutdown),
+                e = self.conn.closed() => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn write(&self, writer: &mut Writer, frame: FromTracker) -> Result<(), End> {
+        match timeout(WRITE_TIMEOUT, writer.send(frame)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(End::Lagging),
+        }
+    }
+
+    async fn write_encoded(
+        &self,
+        writer: &mut Writer,
+        frame: Encoded<FromTracker>,
+    ) -> Result<(), End> {
+        match timeout(WRITE_TIMEOUT, writer.send(frame)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(End::Lagging),
+        }
+    }
+
+    /// Sends the last frame, then gives the peer [`LINGER`] to read it and
+    /// close the connection itself.
+    async fn finish(&self, writer: &mut Writer, last: FromTracker) -> Result<(), End> {
+        self.write(writer, last).await?;
+        let _ = writer.get_mut().finish();
+        let _ = timeout(LINGER, self.conn.closed()).await;
+        Ok(())
+    }
+
+    async fn reject(&self, writer: &mut Writer, reason: RejectReason) -> Result<(), End> {
+        info!(%reason, "enrollment rejected");
+        self.finish(writer, FromTracker::Reject { reason }).await?;
+        Err(End::Rejected(reason))
+    }
+
+    async fn goodbye(&mut self, writer: &mut Writer) -> Result<(), End> {
+        if let Some((name, session)) = self.name.take() {
+            self.leave(&name, session);
+        }
+        self.finish(writer, FromTracker::Goodbye).await?;
+        self.conn.close(close::NORMAL.into(), b"goodbye");
+        Ok(())
+    }
+}
+
+/// One enrollment step, bounded by [`ENROLL_STEP_TIMEOUT`].
+async fn step<T>(what: &'static str, fut: impl Future<Output = T>) -> Result<T, End> {
+    timeout(ENROLL_STEP_TIMEOUT, fut)
+        .await
+        .map_err(|_| End::Timeout(what))
+}
