@@ -1,1 +1,29 @@
-//! x
+//! The tincan peer: a [`Node`] that enrolls with a tracker under a name and
+//! exchanges messages with other peers directly over QUIC.
+//!
+//! Layout:
+//! - [`node`]: the [`Node`] handle (send, who, logout) and the state its tasks share;
+//!   the per-message delivery task (resend on a fresh link, final state).
+//! - [`tracker_client`]: enrollment (hello → welcome → thanks → list), presence,
+//!   lookups, and re-enrollment with backoff when the tracker goes away.
+//! - [`links`]: direct peer connections: dialing with the pinned key, accepting,
+//!   message streams, acknowledgements, showing each message id once.
+//! - [`directory`]: the client list as this peer knows it.
+//! - [`net`]: the single QUIC endpoint and transport settings.
+//! - [`store`]: `peer.db` (pinned tracker key).
+//! - [`event`]: what the node tells its front end.
+//!
+//! Every task is spawned on the node's `TaskTracker` and stops with its
+//! `CancellationToken`; the front end only talks to [`Node`] and reads [`Event`]s.
+
+pub mod directory;
+pub mod event;
+pub mod frontend;
+pub mod links;
+pub mod net;
+pub mod node;
+pub mod store;
+pub mod tracker_client;
+
+pub use event::{Event, Path};
+pub use node::{Config, Node, PeerStatus, SendError, StartError};

@@ -1,1 +1,83 @@
-fn main() {}
+//! `peer`: parses arguments, sets up logging, starts a [`tincan_peer::Node`]
+//! and hands it to the text or JSON front end.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::Parser;
+use tincan_peer::{
+    Config, Node,
+    frontend::{self, Exit, Mode},
+};
+use tincan_proto::{Name, PeerId};
+
+/// A tincan peer: enrolls with a tracker under NAME and talks to other peers directly.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Your name: 1-32 characters of A-Z a-z 0-9 _ -
+    #[arg(long)]
+    name: Name,
+    /// The tracker, as HOST:PORT.
+    #[arg(long)]
+    tracker: String,
+    /// Where this peer keeps its key and database
+    /// [default: the platform data directory, e.g. ~/.local/share/tincan/peers/NAME].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// JSON Lines on stdin/stdout instead of text (see docs/json-api.md).
+    #[arg(long)]
+    json: bool,
+    /// The tracker's key (64 hex characters), instead of trusting it on first contact.
+    #[arg(long, value_parser = parse_key)]
+    tracker_key: Option<PeerId>,
+    /// Local UDP address for this peer's endpoint.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    bind: SocketAddr,
+}
+
+fn parse_key(s: &str) -> Result<PeerId, String> {
+    PeerId::from_hex(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(args) {
+        Ok(Exit::Quit) => ExitCode::SUCCESS,
+        Ok(Exit::Failed) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("peer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn run(args: Args) -> anyhow::Result<Exit> {
+    let data_dir = match args.data_dir {
+        Some(dir) => dir,
+        None => directories::ProjectDirs::from("org", "tincan", "tincan")
+            .context("no home directory; pass --data-dir")?
+            .data_dir()
+            .join("peers")
+            .join(args.name.key()),
+    };
+    let config = Config {
+        name: args.name,
+        tracker: args.tracker,
+        tracker_key: args.tracker_key,
+        data_dir,
+        bind: args.bind,
+    };
+    let (node, events) = Node::start(config).await?;
+    let mode = if args.json { Mode::Json } else { Mode::Text };
+    Ok(frontend::run(node, events, mode).await)
+}

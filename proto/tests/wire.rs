@@ -280,11 +280,10 @@ macro_rules! message_id_hex {
 macro_rules! alice_info_hex {
     () => {
         concat!(
-            "05 616c696365 ", // name "alice"
-            peer_id_a_hex!(),
-            " ",                    // id
-            "00 cb007107 c0b802 ",  // observed V4 203.0.113.7:40000
-            "01 00 c0a80114 8827 ", // local_addrs: [V4 192.168.1.20:5000]
+            "05 616c696365",       // name "alice"
+            peer_id_a_hex!(),      // id
+            "00 cb007107 c0b802",  // observed V4 203.0.113.7:40000
+            "01 00 c0a80114 8827", // local_addrs: [V4 192.168.1.20:5000]
         )
     };
 }

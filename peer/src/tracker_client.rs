@@ -1,0 +1,395 @@
+//! The peer's side of the tracker protocol: enroll (hello → welcome →
+//! thanks → client list), then follow presence and answer lookups; when the
+//! connection drops, tell the user and enroll again with capped exponential
+//! backoff. Direct conversations do not depend on any of this.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use quinn::{Connection, RecvStream, SendStream};
+use tincan_proto::{
+    ALPN_TRACKER, Codec, Name, PROTOCOL_VERSION, PeerId, close,
+    tracker::{FromTracker, PeerInfo, RejectReason, ToTracker},
+};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::timeout,
+};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::{debug, info, warn};
+
+use crate::{event::Event, net, node::Inner};
+
+/// Longest wait to reach the tracker and for each enrollment step.
+pub const TRACKER_TIMEOUT: Duration = Duration::from_secs(5);
+/// First delay before enrolling again after losing the tracker.
+pub const RECONNECT_MIN: Duration = Duration::from_secs(1);
+/// Longest delay between attempts to enroll again.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// Longest wait for a lookup answer.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Lookups waiting for an answer at once.
+pub const MAX_PENDING_LOOKUPS: usize = 256;
+/// Commands queued for the tracker task.
+pub const COMMAND_QUEUE: usize = 64;
+
+type Reader = FramedRead<RecvStream, Codec<FromTracker, ()>>;
+type Writer = FramedWrite<SendStream, Codec<(), ToTracker>>;
+
+/// Why enrolling failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("cannot resolve tracker address {0}")]
+    Resolve(String),
+    #[error("cannot reach the tracker at {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error(
+        "TRACKER KEY CHANGED: the tracker at {addr} presented key {found}, but this peer pinned {expected}. \
+         Refusing to talk to it. If the tracker's key really changed, start with --tracker-key {found_full}"
+    )]
+    KeyChanged {
+        addr: String,
+        expected: String,
+        found: String,
+        found_full: String,
+    },
+    #[error("the tracker refused the name: {0}")]
+    Rejected(RejectReason),
+    #[error("the tracker broke the protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+}
+
+impl EnrollError {
+    /// Errors that retrying cannot fix.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, EnrollError::Rejected(_))
+    }
+}
+
+/// A finished enrollment.
+pub struct Enrolled {
+    conn: Connection,
+    reader: Reader,
+    writer: Writer,
+    pub tracker_id: PeerId,
+    pub observed: SocketAddr,
+    pub peers: Vec<PeerInfo>,
+}
+
+/// Requests to the tracker task.
+pub enum Command {
+    Lookup {
+        name: Name,
+        reply: oneshot::Sender<Option<PeerInfo>>,
+    },
+    Logout {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Runs the enrollment flow once; `pin` is the tracker key to insist on.
+pub async fn enroll(inner: &Inner, pin: Option<PeerId>) -> Result<Enrolled, EnrollError> {
+    let tracker = inner.config.tracker.clone();
+    let addr = resolve(&tracker, inner.local_addr.is_ipv4()).await?;
+    let unreachable = |reason: String| EnrollError::Unreachable {
+        addr: tracker.clone(),
+        reason,
+    };
+    let config = net::client_config(&inner.identity, ALPN_TRACKER, None)?;
+    let connecting = inner
+        .endpoint
+        .connect_with(config, addr, tincan_proto::tls::SERVER_NAME)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let conn = match timeout(TRACKER_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        Err(_) => return Err(unreachable(format!("no answer within {TRACKER_TIMEOUT:?}"))),
+    };
+    let tracker_id = crate::links::remote_id(&conn)
+        .ok_or_else(|| EnrollError::Protocol("no usable tracker certificate".into()))?;
+    if let Some(expected) = pin
+        && expected != tracker_id
+    {
+        conn.close(close::UNAUTHORIZED.into(), b"tracker key changed");
+        return Err(EnrollError::KeyChanged {
+            addr: tracker,
+            expected: expected.short(),
+            found: tracker_id.short(),
+            found_full: tracker_id.to_string(),
+        });
+    }
+
+    let step = |what: &'static str| EnrollError::Protocol(format!("timed out waiting for {what}"));
+    let (send, recv) = timeout(TRACKER_TIMEOUT, conn.open_bi())
+        .await
+        .map_err(|_| step("a stream"))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut reader: Reader = FramedRead::new(recv, Codec::default());
+    let mut writer: Writer = FramedWrite::new(send, Codec::default());
+    let proto_err = |e: tincan_proto::FrameError| EnrollError::Protocol(e.to_string());
+
+    // 1. hello
+    writer
+        .send(ToTracker::Hello {
+            name: inner.config.name.clone(),
+            version: PROTOCOL_VERSION,
+            local_addrs: net::local_addrs(inner.local_addr),
+        })
+        .await
+        .map_err(proto_err)?;
+    // 3. welcome (or reject)
+    let observed = match timeout(TRACKER_TIMEOUT, reader.next()).await {
+        Err(_) => return Err(step("Welcome")),
+        Ok(Some(Ok(FromTracker::Welcome { observed, .. }))) => observed,
+        Ok(Some(Ok(FromTracker::Reject { reason }))) => {
+            conn.close(close::NORMAL.into(), b"rejected");
+            return Err(EnrollError::Rejected(reason));
+        }
+        Ok(other) => return Err(unexpected(&conn, other)),
+    };
+    // 4. thanks
+    writer.send(ToTracker::Thanks).await.map_err(proto_err)?;
+    // 6. the client list, in pages
+    let mut peers = Vec::new();
+    loop {
+        match timeout(TRACKER_TIMEOUT, reader.next()).await {
+            Err(_) => return Err(step("the client list")),
+            Ok(Some(Ok(FromTracker::ClientList { peers: page, last }))) => {
+                peers.extend(page);
+                if last {
+                    break;
+                }
+            }
+            Ok(Some(Ok(FromTracker::Reject { reason }))) => {
+                conn.close(close::NORMAL.into(), b"rejected");
+                return Err(EnrollError::Rejected(reason));
+            }
+            Ok(other) => return Err(unexpected(&conn, other)),
+        }
+    }
+    Ok(Enrolled {
+        conn,
+        reader,
+        writer,
+        tracker_id,
+        observed,
+        peers,
+    })
+}
+
+fn unexpected(
+    conn: &Connection,
+    got: Option<Result<FromTracker, tincan_proto::FrameError>>,
+) -> EnrollError {
+    let what = match got {
+        None => match conn.close_reason() {
+            Some(reason) => format!("connection closed: {reason}"),
+            None => "stream ended during enrollment".to_string(),
+        },
+        Some(Err(e)) => e.to_string(),
+        Some(Ok(frame)) => format!("unexpected {frame:?}"),
+    };
+    conn.close(close::PROTOCOL.into(), b"unexpected frame");
+    EnrollError::Protocol(what)
+}
+
+async fn resolve(tracker: &str, want_v4: bool) -> Result<SocketAddr, EnrollError> {
+    let addrs = timeout(TRACKER_TIMEOUT, tokio::net::lookup_host(tracker))
+        .await
+        .map_err(|_| EnrollError::Resolve(tracker.to_string()))?
+        .map_err(|_| EnrollError::Resolve(tracker.to_string()))?;
+    addrs
+        .into_iter()
+        .find(|a| a.is_ipv4() == want_v4)
+        .ok_or_else(|| EnrollError::Resolve(tracker.to_string()))
+}
+
+/// Follows the tracker for the node's lifetime: presence, lookups, logout,
+/// and enrolling again after a loss.
+pub async fn run(inner: Arc<Inner>, first: Enrolled, mut commands: mpsc::Receiver<Command>) {
+    let mut session = first;
+    loop {
+        let lost = follow(&inner, &mut session, &mut commands).await;
+        let reason = match lost {
+            Ended::LoggedOut | Ended::Cancelled => return,
+            Ended::Replaced => {
+                inner
+                    .emit(Event::Fatal {
+                        reason: "this identity enrolled again from another process; \
+                                 this one stops"
+                            .into(),
+                    })
+                    .await;
+                inner.cancel.cancel();
+                return;
+            }
+            Ended::Lost(reason) => reason,
+        };
+        match reconnect(&inner, reason, &mut commands).await {
+            Some(next) => session = next,
+            None => return,
+        }
+    }
+}
+
+enum Ended {
+    LoggedOut,
+    Cancelled,
+    Replaced,
+    Lost(String),
+}
+
+async fn follow(
+    inner: &Inner,
+    session: &mut Enrolled,
+    commands: &mut mpsc::Receiver<Command>,
+) -> Ended {
+    let mut lookups: HashMap<u32, oneshot::Sender<Option<PeerInfo>>> = HashMap::new();
+    let mut next_req: u32 = 0;
+    loop {
+        tokio::select! {
+            frame = session.reader.next() => match frame {
+                Some(Ok(FromTracker::Presence(change))) => {
+                    let (name, id, online) = inner.directory().apply(change);
+                    if name != inner.config.name {
+                        if !online {
+                            inner.links.forget(&id);
+                        }
+                        inner.emit(Event::Presence { name, id, online }).await;
+                    }
+                }
+                Some(Ok(FromTracker::LookupReply { req, peer })) => {
+                    if let Some(reply) = lookups.remove(&req) {
+                        let _ = reply.send(peer);
+                    }
+                }
+                Some(Ok(FromTracker::Replaced)) => return Ended::Replaced,
+                Some(Ok(other)) => {
+                    warn!(frame = ?other, "unexpected frame from tracker");
+                    session.conn.close(close::PROTOCOL.into(), b"unexpected frame");
+                    return Ended::Lost("the tracker sent an unexpected frame".into());
+                }
+                Some(Err(e)) => {
+                    session.conn.close(close::BAD_FRAME.into(), b"bad frame");
+                    return Ended::Lost(format!("bad frame from tracker: {e}"));
+                }
+                None => {
+                    if let Some(quinn::ConnectionError::ApplicationClosed(c)) = session.conn.close_reason()
+                        && c.error_code == close::REPLACED.into()
+                    {
+                        return Ended::Replaced;
+                    }
+                    let reason = match session.conn.close_reason() {
+                        Some(e) => e.to_string(),
+                        None => "the tracker closed the stream".into(),
+                    };
+                    return Ended::Lost(reason);
+                }
+            },
+            cmd = commands.recv() => match cmd {
+                Some(Command::Lookup { name, reply }) => {
+                    if lookups.len() >= MAX_PENDING_LOOKUPS {
+                        let _ = reply.send(None);
+                        continue;
+                    }
+                    lookups.retain(|_, r| !r.is_closed());
+                    next_req = next_req.wrapping_add(1);
+                    lookups.insert(next_req, reply);
+                    if let Err(e) = session.writer.send(ToTracker::Lookup { req: next_req, name }).await {
+                        return Ended::Lost(format!("cannot write to tracker: {e}"));
+                    }
+                }
+                Some(Command::Logout { reply }) => {
+                    logout(session).await;
+                    let _ = reply.send(());
+                    return Ended::LoggedOut;
+                }
+                None => return Ended::Cancelled,
+            },
+            () = inner.cancel.cancelled() => return Ended::Cancelled,
+        }
+    }
+}
+
+/// Logout → Goodbye → close, each step bounded.
+async fn logout(session: &mut Enrolled) {
+    if session.writer.send(ToTracker::Logout).await.is_ok() {
+        let wait = async {
+            while let Some(frame) = session.reader.next().await {
+                if matches!(frame, Ok(FromTracker::Goodbye)) {
+                    return true;
+                }
+            }
+            false
+        };
+        match timeout(TRACKER_TIMEOUT, wait).await {
+            Ok(true) => debug!("goodbye received"),
+            _ => warn!("no goodbye from tracker; closing anyway"),
+        }
+    }
+    session.conn.close(close::NORMAL.into(), b"logout");
+}
+
+/// Enrolls again with capped exponential backoff, answering commands in the
+/// meantime. `None` when the node is shutting down or cannot go on.
+async fn reconnect(
+    inner: &Arc<Inner>,
+    mut reason: String,
+    commands: &mut mpsc::Receiver<Command>,
+) -> Option<Enrolled> {
+    let mut delay = RECONNECT_MIN;
+    loop {
+        info!(%reason, retry_in = ?delay, "tracker connection lost");
+        inner
+            .emit(Event::TrackerLost {
+                reason: reason.clone(),
+                retry_in: delay,
+            })
+            .await;
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => break,
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Lookup { reply, .. }) => { let _ = reply.send(None); }
+                    Some(Command::Logout { reply }) => { let _ = reply.send(()); return None; }
+                    None => return None,
+                },
+                () = inner.cancel.cancelled() => return None,
+            }
+        }
+        let attempt = tokio::select! {
+            r = enroll(inner, inner.tracker_pin()) => r,
+            () = inner.cancel.cancelled() => return None,
+        };
+        match attempt {
+            Ok(enrolled) => {
+                inner.on_enrolled(&enrolled, true).await;
+                return Some(enrolled);
+            }
+            Err(e) if e.is_permanent() => {
+                inner
+                    .emit(Event::Fatal {
+                        reason: e.to_string(),
+                    })
+                    .await;
+                inner.cancel.cancel();
+                return None;
+            }
+            Err(e) => {
+                if matches!(e, EnrollError::KeyChanged { .. }) {
+                    inner
+                        .emit(Event::Warning {
+                            message: e.to_string(),
+                        })
+                        .await;
+                }
+                reason = e.to_string();
+                delay = (delay * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
+}
