@@ -50,7 +50,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(args) {
+    // Built by hand so that shutdown does not wait for the blocking thread
+    // parked in a read on stdin (tokio's stdin cannot be cancelled).
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("peer: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(args));
+    runtime.shutdown_background();
+    match result {
         Ok(Exit::Quit) => ExitCode::SUCCESS,
         Ok(Exit::Failed) => ExitCode::FAILURE,
         Err(e) => {
@@ -60,7 +71,6 @@ fn main() -> ExitCode {
     }
 }
 
-#[tokio::main]
 async fn run(args: Args) -> anyhow::Result<Exit> {
     let data_dir = match args.data_dir {
         Some(dir) => dir,

@@ -2,18 +2,23 @@
 //! tasks share.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use futures_util::future::BoxFuture;
 use quinn::Endpoint;
 use tincan_proto::{
     MAX_BODY_LEN, MessageId, Name, NameError, PeerId, peer::ToReceiver, tls::Identity,
     tracker::PeerInfo,
 };
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
@@ -33,8 +38,27 @@ pub const EVENT_QUEUE: usize = 1024;
 pub const MAX_IN_FLIGHT: usize = 4096;
 /// Longest wait for a message's acknowledgement once it was sent.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Attempts to deliver one message when links break under it.
+/// Links one message is written to, at most, when links break under it.
 pub const SEND_ATTEMPTS: usize = 3;
+
+/// Messages queued for one destination before `send` waits.
+pub const CONVERSATION_QUEUE: usize = 1024;
+/// A conversation with nothing to send for this long stops its task.
+pub const CONVERSATION_IDLE: Duration = Duration::from_secs(60);
+
+/// A message on its way: queued, written to a link, or awaiting its ack.
+struct Outgoing {
+    id: MessageId,
+    body: String,
+    sent_at_ms: u64,
+    queued_at: Instant,
+    /// Links it has been written to so far.
+    attempts: usize,
+    /// Whether the user was told it left this machine.
+    announced: bool,
+    /// Counts toward [`MAX_IN_FLIGHT`] until the message's final state.
+    _in_flight: OwnedSemaphorePermit,
+}
 
 /// How a node is set up.
 #[derive(Debug, Clone)]
@@ -108,6 +132,9 @@ pub struct Inner {
     tracker: mpsc::Sender<Command>,
     tracker_pin: Mutex<Option<PeerId>>,
     in_flight: Arc<Semaphore>,
+    /// Destination name key → (task generation, its queue).
+    conversations: Mutex<HashMap<String, (u64, mpsc::Sender<Outgoing>)>>,
+    next_generation: AtomicU64,
 }
 
 impl Inner {
@@ -204,81 +231,174 @@ impl Inner {
         }
     }
 
-    /// Carries one message to its final state: delivered, or undeliverable
-    /// with a reason. Resends on a fresh link when one breaks under it.
-    async fn deliver(self: Arc<Self>, to: Name, id: MessageId, body: String) {
-        let Some(info) = self.resolve(&to).await else {
+    /// Puts a message on its destination's conversation queue, starting
+    /// the conversation task if there is none.
+    async fn enqueue(self: &Arc<Self>, to: &Name, mut msg: Outgoing) -> Result<(), SendError> {
+        // A conversation task may stop (idle) between our lookup and our
+        // send; then the message comes back and a fresh task is started.
+        for _ in 0..3 {
+            let (generation, tx) = {
+                let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
+                let (generation, tx) = map.entry(to.key()).or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(CONVERSATION_QUEUE);
+                    let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+                    self.tasks
+                        .spawn(self.clone().conversation(to.clone(), generation, rx));
+                    (generation, tx)
+                });
+                (*generation, tx.clone())
+            };
+            match tx.send(msg).await {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(back)) => {
+                    msg = back;
+                    let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
+                    if map.get(&to.key()).is_some_and(|(g, _)| *g == generation) {
+                        map.remove(&to.key());
+                    }
+                }
+            }
+        }
+        Err(SendError::ShuttingDown)
+    }
+
+    /// One task per destination sends its messages in the order they were
+    /// queued, so a conversation reads in order on the other side.
+    async fn conversation(
+        self: Arc<Self>,
+        to: Name,
+        generation: u64,
+        mut queue: mpsc::Receiver<Outgoing>,
+    ) {
+        loop {
+            let next = tokio::select! {
+                next = tokio::time::timeout(CONVERSATION_IDLE, queue.recv()) => next,
+                () = self.cancel.cancelled() => return,
+            };
+            match next {
+                Ok(Some(msg)) => self.transmit(&to, msg, &mut queue).await,
+                Ok(None) => return,
+                Err(_idle) => {
+                    let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
+                    if map.get(&to.key()).is_some_and(|(g, _)| *g == generation) {
+                        map.remove(&to.key());
+                    }
+                    // Whatever raced in before the close is still sent.
+                    queue.close();
+                }
+            }
+        }
+    }
+
+    /// Writes one message to a direct link and leaves its acknowledgement
+    /// to a waiter, so the next message goes out without waiting.
+    async fn transmit(
+        self: &Arc<Self>,
+        to: &Name,
+        mut msg: Outgoing,
+        queue: &mut mpsc::Receiver<Outgoing>,
+    ) {
+        let Some(info) = self.resolve(to).await else {
             return self
-                .emit(Event::Undeliverable {
-                    id,
-                    to: to.clone(),
-                    reason: format!("{to} is not logged on"),
-                })
+                .undeliverable(to, msg.id, format!("{to} is not logged on"))
                 .await;
         };
-        let sent_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        let started = Instant::now();
-        let mut announced_sent = false;
-        let mut last_error = String::new();
-        for _attempt in 0..SEND_ATTEMPTS {
-            let link = match self.links.get_or_dial(&self, &info).await {
-                Ok(link) => link,
-                Err(e) => {
-                    last_error = e.to_string();
-                    break;
+        let link = match self.links.get_or_dial(self, &info).await {
+            Ok(link) => link,
+            Err(e) => {
+                // Everything already queued behind it would meet the same
+                // fate: report it now rather than one dial timeout each.
+                let reason = e.to_string();
+                self.undeliverable(to, msg.id, reason.clone()).await;
+                while let Ok(queued) = queue.try_recv() {
+                    self.undeliverable(to, queued.id, reason.clone()).await;
                 }
-            };
-            let msg = ToReceiver::Msg {
-                id,
-                sent_at_ms,
-                body: body.clone(),
-            };
-            let acked = match link.send(&self, msg).await {
-                Ok(acked) => acked,
-                Err(e) => {
-                    last_error = e.to_string();
-                    continue;
-                }
-            };
-            if !announced_sent {
-                announced_sent = true;
-                self.emit(Event::Sent {
-                    id,
-                    to: to.clone(),
-                    path: link.path(),
-                })
-                .await;
+                return;
             }
+        };
+        msg.attempts += 1;
+        let frame = ToReceiver::Msg {
+            id: msg.id,
+            sent_at_ms: msg.sent_at_ms,
+            body: msg.body.clone(),
+        };
+        let acked = match link.send(self, frame).await {
+            Ok(acked) => acked,
+            Err(e) => {
+                return self
+                    .clone()
+                    .retry_or_fail(to.clone(), msg, e.to_string())
+                    .await;
+            }
+        };
+        if !msg.announced {
+            msg.announced = true;
+            self.emit(Event::Sent {
+                id: msg.id,
+                to: to.clone(),
+                path: link.path(),
+            })
+            .await;
+        }
+        let inner = self.clone();
+        let to = to.clone();
+        self.tasks.spawn(async move {
             match tokio::time::timeout(ACK_TIMEOUT, acked).await {
                 Ok(Ok(Ok(()))) => {
-                    return self
+                    inner
                         .emit(Event::Delivered {
-                            id,
+                            id: msg.id,
                             to,
                             path: link.path(),
-                            rtt: started.elapsed(),
+                            rtt: msg.queued_at.elapsed(),
                         })
                         .await;
                 }
                 Ok(Ok(Err(LinkError::Refused(reason)))) => {
-                    last_error = format!("refused by {to}: {reason}");
-                    break;
+                    inner
+                        .undeliverable(&to, msg.id, format!("refused by {to}: {reason}"))
+                        .await;
                 }
-                Ok(Ok(Err(e))) => last_error = e.to_string(),
-                Ok(Err(_)) => last_error = "link dropped".into(),
+                Ok(Ok(Err(e))) => inner.retry_or_fail(to, msg, e.to_string()).await,
+                Ok(Err(_)) => inner.retry_or_fail(to, msg, "link dropped".into()).await,
                 Err(_) => {
-                    last_error = format!("no acknowledgement within {ACK_TIMEOUT:?}");
-                    break;
+                    let reason = format!("no acknowledgement within {ACK_TIMEOUT:?}");
+                    inner.undeliverable(&to, msg.id, reason).await;
                 }
             }
-        }
+        });
+    }
+
+    /// A link broke under a message: send it again (on a fresh link) unless
+    /// it has had all its attempts. The receiver shows each id once.
+    ///
+    /// Boxed: it re-enters `enqueue`, which (through the conversation task)
+    /// leads back here, and a recursive future needs a known size.
+    fn retry_or_fail(
+        self: Arc<Self>,
+        to: Name,
+        msg: Outgoing,
+        error: String,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            if msg.attempts >= SEND_ATTEMPTS {
+                return self
+                    .undeliverable(&to, msg.id, format!("unreachable: {error}"))
+                    .await;
+            }
+            let id = msg.id;
+            if self.enqueue(&to, msg).await.is_err() {
+                self.undeliverable(&to, id, "the node is shutting down".into())
+                    .await;
+            }
+        })
+    }
+
+    async fn undeliverable(&self, to: &Name, id: MessageId, reason: String) {
         self.emit(Event::Undeliverable {
             id,
-            to,
-            reason: format!("unreachable: {last_error}"),
+            to: to.clone(),
+            reason,
         })
         .await;
     }
@@ -342,6 +462,8 @@ impl Node {
             tracker,
             tracker_pin: Mutex::new(pin),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            conversations: Mutex::default(),
+            next_generation: AtomicU64::new(0),
         });
 
         let enrolled = match tracker_client::enroll(&inner, pin).await {
@@ -396,12 +518,19 @@ impl Node {
             .await
             .map_err(|_| SendError::ShuttingDown)?;
         let id = MessageId::random();
-        let inner = self.inner.clone();
-        let body = text.to_owned();
-        self.inner.tasks.spawn(async move {
-            inner.deliver(to, id, body).await;
-            drop(permit);
-        });
+        let msg = Outgoing {
+            id,
+            body: text.to_owned(),
+            sent_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+            queued_at: Instant::now(),
+            attempts: 0,
+            announced: false,
+            _in_flight: permit,
+        };
+        self.inner.enqueue(&to, msg).await?;
         Ok(id)
     }
 

@@ -272,21 +272,13 @@ async fn follow(
                     return Ended::Lost("the tracker sent an unexpected frame".into());
                 }
                 Some(Err(e)) => {
+                    if session.conn.close_reason().is_some() {
+                        return connection_ended(&session.conn);
+                    }
                     session.conn.close(close::BAD_FRAME.into(), b"bad frame");
                     return Ended::Lost(format!("bad frame from tracker: {e}"));
                 }
-                None => {
-                    if let Some(quinn::ConnectionError::ApplicationClosed(c)) = session.conn.close_reason()
-                        && c.error_code == close::REPLACED.into()
-                    {
-                        return Ended::Replaced;
-                    }
-                    let reason = match session.conn.close_reason() {
-                        Some(e) => e.to_string(),
-                        None => "the tracker closed the stream".into(),
-                    };
-                    return Ended::Lost(reason);
-                }
+                None => return connection_ended(&session.conn),
             },
             cmd = commands.recv() => match cmd {
                 Some(Command::Lookup { name, reply }) => {
@@ -310,6 +302,19 @@ async fn follow(
             },
             () = inner.cancel.cancelled() => return Ended::Cancelled,
         }
+    }
+}
+
+/// Why the tracker connection ended, from its close reason.
+fn connection_ended(conn: &Connection) -> Ended {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == close::REPLACED.into() =>
+        {
+            Ended::Replaced
+        }
+        Some(e) => Ended::Lost(e.to_string()),
+        None => Ended::Lost("the tracker closed the stream".into()),
     }
 }
 

@@ -267,9 +267,10 @@ impl Session {
                     Err(RecvError::Closed) => return Err(End::Shutdown),
                 },
                 () = replaced.cancelled() => {
-                    // Best effort: the peer may already be gone.
-                    let _ = self.write(&mut writer, FromTracker::Replaced).await;
+                    // Best effort: the peer may already be gone. The close
+                    // code says it too, should this frame not arrive.
                     self.name = None;
+                    let _ = self.finish(&mut writer, FromTracker::Replaced).await;
                     return Err(End::Replaced);
                 }
                 () = shutdown.cancelled() => return Err(End::Shutdown),

@@ -1,0 +1,175 @@
+//! Bad input gets a clear error and nothing crashes: from the command line,
+//! from the user's commands, and from the network.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tincan_tests::{Mode, Peer, PeerOpts, Tracker, WAIT, binary};
+
+/// Runs a binary to completion (bounded) and returns (exit code, stderr).
+async fn run_to_end(program: &str, args: &[&str]) -> Result<(Option<i32>, String)> {
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(binary(program)?)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("process did not finish in time")??;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn invalid_name_is_refused_with_a_one_line_reason() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().to_str().context("path")?;
+    for bad in ["bo b", "", "a-name-that-is-far-too-long-for-tincan", "bøb"] {
+        let (code, stderr) = run_to_end(
+            "peer",
+            &["--name", bad, "--tracker", "127.0.0.1:9", "--data-dir", d],
+        )
+        .await?;
+        assert_ne!(code, Some(0), "{bad:?} accepted");
+        let first = stderr.lines().next().unwrap_or("");
+        assert!(first.contains("--name"), "{bad:?}: {stderr}");
+        assert!(first.contains("name"), "{bad:?}: {stderr}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn taken_name_is_refused_while_its_owner_is_online() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let _alice = Peer::start_json("alice", &tracker).await?;
+    let mut other = PeerOpts::new("ALICE", &tracker, Mode::Text).spawn()?;
+    let status = other.wait_exit(WAIT).await?;
+    assert!(!status.success());
+    let stderr = other.stderr();
+    assert!(stderr.contains("in use"), "{stderr}");
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("peer:")).count(),
+        1,
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn unreachable_tracker_is_a_clear_error_after_a_bounded_wait() -> Result<()> {
+    // A UDP port nobody listens on: the tracker is simply not there.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let addr = socket.local_addr()?.to_string();
+    drop(socket);
+    let dir = tempfile::tempdir()?;
+    let started = Instant::now();
+    let (code, stderr) = run_to_end(
+        "peer",
+        &[
+            "--name",
+            "alice",
+            "--tracker",
+            &addr,
+            "--data-dir",
+            dir.path().to_str().context("path")?,
+        ],
+    )
+    .await?;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("cannot reach the tracker"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(12));
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_tracker_arguments_exit_nonzero_with_a_reason() -> Result<()> {
+    let (code, stderr) = run_to_end("tracker", &["--listen", "not-an-address"]).await?;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--listen"), "{stderr}");
+    let (code, stderr) = run_to_end(
+        "peer",
+        &[
+            "--name",
+            "x",
+            "--tracker",
+            "127.0.0.1:1",
+            "--tracker-key",
+            "zz",
+        ],
+    )
+    .await?;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--tracker-key"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversized_message_is_refused_and_nothing_is_sent() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let mut bob = Peer::start_json("bob", &tracker).await?;
+    let mut alice = Peer::start_json("alice", &tracker).await?;
+    let big = "x".repeat(64 * 1024 + 1);
+    let reply = alice
+        .command(json!({"cmd": "send", "to": "bob", "text": big}))
+        .await?;
+    assert_eq!(reply["ok"], false);
+    assert!(
+        reply["error"].as_str().unwrap_or("").contains("limit"),
+        "{reply}"
+    );
+    // Exactly at the limit is fine.
+    let max = "y".repeat(64 * 1024);
+    let id = alice.send("bob", &max).await?;
+    let msg = bob.expect_event("message", |_| true).await?;
+    assert_eq!(
+        msg["msg_id"],
+        id.as_str(),
+        "the oversized message must not arrive"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_commands_get_a_help_hint() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let mut text = Peer::start_text("alice", &tracker).await?;
+    text.type_line("/frobnicate").await?;
+    text.expect_line("the hint", |l| {
+        l.contains("unknown command /frobnicate") && l.contains("/help")
+    })
+    .await?;
+    text.type_line("/help").await?;
+    text.expect_line("the help", |l| l.contains("/msg NAME TEXT"))
+        .await?;
+
+    let mut json = Peer::start_json("bob", &tracker).await?;
+    let reply = json.command(json!({"cmd": "frobnicate"})).await?;
+    assert_eq!(reply["ok"], false);
+    assert!(
+        reply["error"].as_str().unwrap_or("").contains("send"),
+        "{reply}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_json_gets_an_error_line_and_the_peer_keeps_going() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let mut alice = PeerOpts::new("alice", &tracker, Mode::Json).start().await?;
+    alice.type_line("{not json").await?;
+    let err = alice
+        .expect_json("an error line", WAIT, |v| v["ok"] == false)
+        .await?;
+    assert!(
+        err["error"].as_str().unwrap_or("").contains("invalid JSON"),
+        "{err}"
+    );
+    let who = alice.command(json!({"cmd": "who"})).await?;
+    assert_eq!(who["ok"], true);
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! Malformed, oversized or unauthorized input from the network closes that
+//! one connection with an error code; the process keeps serving everyone
+//! else. The hostile client here is real QUIC with a real (self-made) identity.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use quinn::{Connection, ConnectionError, Endpoint, crypto::rustls::QuicClientConfig};
+use tincan_proto::{
+    ALPN_PEER, ALPN_TRACKER, Codec, MessageId, Name, PeerId, close,
+    peer::{Refusal, ToReceiver, ToSender},
+    tls::{Identity, SERVER_NAME, client_config},
+};
+use tincan_tests::{Peer, Tracker, WAIT};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+async fn connect(addr: &str, alpn: &[u8], expected: Option<PeerId>) -> Result<Connection> {
+    let identity = Identity::generate()?;
+    let tls = client_config(&identity, alpn, expected)?;
+    let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    let mut endpoint = Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(config);
+    let addr: SocketAddr = addr.parse()?;
+    let conn = tokio::time::timeout(WAIT, endpoint.connect(addr, SERVER_NAME)?)
+        .await
+        .context("handshake timed out")??;
+    Ok(conn)
+}
+
+/// Waits for the remote to close `conn` and returns its application code.
+async fn closed_with(conn: &Connection) -> Result<u64> {
+    match tokio::time::timeout(WAIT, conn.closed()).await {
+        Ok(ConnectionError::ApplicationClosed(c)) => Ok(c.error_code.into_inner()),
+        Ok(other) => bail!("closed, but not by the application: {other}"),
+        Err(_) => bail!("the remote did not close the connection within {WAIT:?}"),
+    }
+}
+
+#[tokio::test]
+async fn tracker_closes_a_connection_that_sends_an_oversized_length_and_serves_others() -> Result<()>
+{
+    let tracker = Tracker::start().await?;
+    let mut alice = Peer::start_json("alice", &tracker).await?;
+
+    let conn = connect(&tracker.addr, ALPN_TRACKER, None).await?;
+    let (mut send, _recv) = conn.open_bi().await?;
+    send.write_all(&u32::MAX.to_be_bytes()).await?;
+    send.write_all(b"never read").await?;
+    assert_eq!(closed_with(&conn).await?, u64::from(close::BAD_FRAME));
+
+    // Everyone else is still served: a newcomer enrolls, alice hears of it.
+    let _bob = Peer::start_json("bob", &tracker).await?;
+    alice
+        .expect_event("presence", |v| v["name"] == "bob" && v["online"] == true)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn tracker_closes_a_connection_that_sends_garbage_or_skips_hello() -> Result<()> {
+    let tracker = Tracker::start().await?;
+
+    // A frame of the right size holding bytes that are no ToTracker value.
+    let conn = connect(&tracker.addr, ALPN_TRACKER, None).await?;
+    let (mut send, _recv) = conn.open_bi().await?;
+    send.write_all(&5u32.to_be_bytes()).await?;
+    send.write_all(&[0xff, 0xff, 0xff, 0xff, 0xff]).await?;
+    assert_eq!(closed_with(&conn).await?, u64::from(close::BAD_FRAME));
+
+    // A valid frame, but Thanks before Hello.
+    let conn = connect(&tracker.addr, ALPN_TRACKER, None).await?;
+    let (send, _recv) = conn.open_bi().await?;
+    let mut writer = FramedWrite::new(
+        send,
+        Codec::<(), tincan_proto::tracker::ToTracker>::default(),
+    );
+    writer
+        .send(tincan_proto::tracker::ToTracker::Thanks)
+        .await?;
+    assert_eq!(closed_with(&conn).await?, u64::from(close::PROTOCOL));
+
+    let _alice = Peer::start_json("alice", &tracker).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn peer_refuses_a_sender_whose_key_is_not_bound_to_the_claimed_name() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let mut bob = Peer::start_json("bob", &tracker).await?;
+    let mut alice = Peer::start_json("alice", &tracker).await?;
+    let who = bob.command(serde_json::json!({"cmd": "who"})).await?;
+    let me = who["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["me"] == true))
+        .context("bob in his own list")?
+        .clone();
+    let bob_addr = me["observed"].as_str().context("observed")?.to_string();
+    let bob_key = PeerId::from_hex(me["peer_id"].as_str().context("peer_id")?)?;
+
+    // An impostor (a fresh key) claims to be alice.
+    let conn = connect(&bob_addr, ALPN_PEER, Some(bob_key)).await?;
+    let (send, recv) = conn.open_bi().await?;
+    let mut writer = FramedWrite::new(send, Codec::<(), ToReceiver>::default());
+    let mut reader = FramedRead::new(recv, Codec::<ToSender, ()>::default());
+    writer
+        .send(ToReceiver::Open {
+            from: Name::parse("alice")?,
+        })
+        .await?;
+    writer
+        .send(ToReceiver::Msg {
+            id: MessageId::random(),
+            sent_at_ms: 0,
+            body: "I am alice, honest".into(),
+        })
+        .await?;
+    let answer = tokio::time::timeout(WAIT, reader.next())
+        .await
+        .context("no answer to the impostor")?;
+    assert!(
+        matches!(
+            answer,
+            Some(Ok(ToSender::Refused {
+                reason: Refusal::UnknownSender
+            }))
+        ),
+        "{answer:?}"
+    );
+    bob.expect_event("warning", |v| {
+        v["message"].as_str().unwrap_or("").contains("alice")
+    })
+    .await?;
+
+    // The real alice still gets through, and the impostor's text never showed.
+    let id = alice.send("bob", "the real alice").await?;
+    let msg = bob.expect_event("message", |_| true).await?;
+    assert_eq!(msg["text"], "the real alice");
+    assert_eq!(msg["msg_id"], id.as_str());
+    Ok(())
+}
+
+#[tokio::test]
+async fn peer_closes_a_connection_that_sends_garbage_and_keeps_serving() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let mut bob = Peer::start_json("bob", &tracker).await?;
+    let mut alice = Peer::start_json("alice", &tracker).await?;
+    let who = bob.command(serde_json::json!({"cmd": "who"})).await?;
+    let me = who["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["me"] == true))
+        .context("bob in his own list")?
+        .clone();
+    let bob_addr = me["observed"].as_str().context("observed")?.to_string();
+    let bob_key = PeerId::from_hex(me["peer_id"].as_str().context("peer_id")?)?;
+
+    let conn = connect(&bob_addr, ALPN_PEER, Some(bob_key)).await?;
+    let (mut send, _recv) = conn.open_bi().await?;
+    send.write_all(&(200_000u32).to_be_bytes()).await?;
+    send.write_all(&[0u8; 64]).await?;
+    assert_eq!(closed_with(&conn).await?, u64::from(close::BAD_FRAME));
+
+    // Dialing bob with the wrong pinned key fails the handshake.
+    let wrong = connect(&bob_addr, ALPN_PEER, Some(PeerId([9; 32]))).await;
+    assert!(
+        wrong.is_err(),
+        "handshake with a wrong pinned key succeeded"
+    );
+
+    let id = alice.send("bob", "still working").await?;
+    alice
+        .expect_event_within("delivered", Duration::from_secs(10), |v| {
+            v["msg_id"] == id.as_str()
+        })
+        .await?;
+    Ok(())
+}
