@@ -26,24 +26,6 @@ async fn run_to_end(program: &str, args: &[&str]) -> Result<(Option<i32>, String
 }
 
 #[tokio::test]
-async fn invalid_name_is_refused_with_a_one_line_reason() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let d = dir.path().to_str().context("path")?;
-    for bad in ["bo b", "", "a-name-that-is-far-too-long-for-tincan", "bøb"] {
-        let (code, stderr) = run_to_end(
-            "peer",
-            &["--name", bad, "--tracker", "127.0.0.1:9", "--data-dir", d],
-        )
-        .await?;
-        assert_ne!(code, Some(0), "{bad:?} accepted");
-        let first = stderr.lines().next().unwrap_or("");
-        assert!(first.contains("--name"), "{bad:?}: {stderr}");
-        assert!(first.contains("name"), "{bad:?}: {stderr}");
-    }
-    Ok(())
-}
-
-#[tokio::test]
 async fn taken_name_is_refused_while_its_owner_is_online() -> Result<()> {
     let tracker = Tracker::start().await?;
     let _alice = Peer::start_json("alice", &tracker).await?;
@@ -83,28 +65,6 @@ async fn unreachable_tracker_is_a_clear_error_after_a_bounded_wait() -> Result<(
     assert_ne!(code, Some(0));
     assert!(stderr.contains("cannot reach the tracker"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(12));
-    Ok(())
-}
-
-#[tokio::test]
-async fn bad_tracker_arguments_exit_nonzero_with_a_reason() -> Result<()> {
-    let (code, stderr) = run_to_end("tracker", &["--listen", "not-an-address"]).await?;
-    assert_eq!(code, Some(2));
-    assert!(stderr.contains("--listen"), "{stderr}");
-    let (code, stderr) = run_to_end(
-        "peer",
-        &[
-            "--name",
-            "x",
-            "--tracker",
-            "127.0.0.1:1",
-            "--tracker-key",
-            "zz",
-        ],
-    )
-    .await?;
-    assert_eq!(code, Some(2));
-    assert!(stderr.contains("--tracker-key"), "{stderr}");
     Ok(())
 }
 

@@ -1,0 +1,33 @@
+//! The `tracker` binary's command line: bad input gets one clear line and a
+//! non-zero exit. (Having an integration test here also makes
+//! `cargo test --workspace` build the binary the tests/ crate starts.)
+
+use std::process::Command;
+
+#[test]
+fn bad_listen_address_exits_2_naming_the_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tracker"))
+        .args(["--listen", "not-an-address"])
+        .output()
+        .expect("run tracker");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.lines().next().unwrap_or("").contains("--listen"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unusable_data_dir_is_a_clear_error() {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    // A regular file where the data directory should be.
+    let out = Command::new(env!("CARGO_BIN_EXE_tracker"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(file.path())
+        .output()
+        .expect("run tracker");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("data directory"), "{stderr}");
+}
