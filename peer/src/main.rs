@@ -80,13 +80,9 @@ async fn run(args: Args) -> anyhow::Result<Exit> {
             .join("peers")
             .join(args.name.key()),
     };
-    let config = Config {
-        name: args.name,
-        tracker: args.tracker,
-        tracker_key: args.tracker_key,
-        data_dir,
-        bind: args.bind,
-    };
+    let mut config = Config::new(args.name, args.tracker, data_dir);
+    config.tracker_key = args.tracker_key;
+    config.bind = args.bind;
     let (node, events) = Node::start(config).await?;
     let mode = if args.json { Mode::Json } else { Mode::Text };
     Ok(frontend::run(node, events, mode).await)

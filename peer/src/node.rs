@@ -62,6 +62,7 @@ struct Outgoing {
 
 /// How a node is set up.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Config {
     pub name: Name,
     /// `host:port` of the tracker, as the user gave it.
@@ -72,6 +73,20 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Local UDP address of the node's one endpoint.
     pub bind: SocketAddr,
+}
+
+impl Config {
+    /// A node named `name` using the tracker at `tracker` (`host:port`),
+    /// keeping its files in `data_dir`, on an ephemeral UDP port.
+    pub fn new(name: Name, tracker: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            name,
+            tracker: tracker.into(),
+            tracker_key: None,
+            data_dir: data_dir.into(),
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
 }
 
 /// The node could not start.
