@@ -17,6 +17,7 @@ pub mod codec;
 pub mod ids;
 pub mod name;
 pub mod peer;
+pub mod seal;
 pub mod tls;
 pub mod tracker;
 

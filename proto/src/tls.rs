@@ -120,6 +120,11 @@ impl Identity {
         self.id
     }
 
+    /// The key pair, for signatures outside TLS (see [`crate::seal`]).
+    pub(crate) fn key_pair(&self) -> &rcgen::KeyPair {
+        &self.key_pair
+    }
+
     fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pair.serialize_der()))
     }

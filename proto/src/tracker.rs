@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Name, PeerId};
+use crate::{MessageId, Name, PeerId};
 
 /// Most entries in one `ClientList` page, so that a page of peers with the
 /// maximum number of local addresses stays under [`crate::MAX_FRAME_LEN`].
@@ -45,6 +45,31 @@ pub enum ToTracker {
     Lookup { req: u32, name: Name },
     /// Leave cleanly; answered by [`FromTracker::Goodbye`].
     Logout,
+    /// Publishes this peer's sealing key (X25519), signed by its identity
+    /// key, so others can seal messages for it while it is offline.
+    PublishSealKey(SignedSealKey),
+    /// Asks for the sealing key of whoever `name` is bound to, online or not.
+    SealKeyOf { req: u32, name: Name },
+    /// A sealed message for a peer that is not logged on; the tracker keeps
+    /// it until the recipient enrolls or it expires. Answered by `HoldReply`.
+    Hold {
+        to: Name,
+        /// The key the sender sealed to; refused if `to` is bound to another.
+        to_id: PeerId,
+        id: MessageId,
+        sealed: Vec<u8>,
+    },
+    /// The recipient showed a held message; `receipt` is its signature over
+    /// (sender id, message id), which the sender checks.
+    HeldReceived {
+        id: MessageId,
+        from_id: PeerId,
+        receipt: Vec<u8>,
+    },
+    /// The recipient could not open or verify a held message; it is dropped.
+    HeldRejected { id: MessageId, from_id: PeerId },
+    /// The sender has recorded a notice; the tracker may forget it.
+    NoticeSeen { id: MessageId },
 }
 
 /// Frames the tracker sends to a peer.
@@ -70,6 +95,81 @@ pub enum FromTracker {
     Goodbye,
     /// The same key enrolled again from elsewhere; this session is over.
     Replaced,
+    /// Reply to [`ToTracker::SealKeyOf`].
+    SealKeyReply {
+        req: u32,
+        entry: Option<SealKeyEntry>,
+    },
+    /// Reply to [`ToTracker::Hold`].
+    HoldReply { id: MessageId, result: HoldResult },
+    /// A sealed message held for this peer (sent after the client list, and
+    /// live if one arrives while the peer is online).
+    Held(HeldMessage),
+    /// What became of a message this peer handed to the tracker.
+    Notice(Notice),
+}
+
+/// A sealing key and the identity key's signature over it
+/// (see `tincan_proto::seal`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedSealKey {
+    pub key: [u8; 32],
+    pub sig: Vec<u8>,
+}
+
+/// Who a name is bound to, and the sealing key that identity published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealKeyEntry {
+    pub name: Name,
+    pub id: PeerId,
+    pub seal: SignedSealKey,
+}
+
+/// The tracker's answer to `Hold`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HoldResult {
+    /// Kept until `expires_at` (seconds since the Unix epoch).
+    Held { expires_at: u64 },
+    /// The name is not bound to any key, or its key published no sealing key.
+    UnknownName,
+    /// The name is bound to a different key than the one sealed to.
+    KeyMismatch,
+    /// The recipient has too many held messages already.
+    MailboxFull,
+    /// The sealed message is larger than the tracker keeps.
+    TooLarge,
+    /// The tracker could not store it (its storage failed).
+    Unavailable,
+}
+
+/// A held message, as the recipient receives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldMessage {
+    pub from: Name,
+    pub from_id: PeerId,
+    pub id: MessageId,
+    /// When the tracker took it, seconds since the Unix epoch.
+    pub stored_at: u64,
+    pub sealed: Vec<u8>,
+}
+
+/// The fate of a held message, told to its sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    pub id: MessageId,
+    /// The recipient's name.
+    pub to: Name,
+    pub kind: NoticeKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoticeKind {
+    /// Shown by the recipient, who signed `receipt`.
+    Delivered { by: PeerId, receipt: Vec<u8> },
+    /// Not collected before the tracker's time-to-live ran out.
+    Expired,
+    /// The recipient could not open it.
+    Rejected,
 }
 
 /// What everyone else learns about an online peer.

@@ -23,7 +23,10 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use tincan_proto::codec::{self, Encoded};
 use tincan_proto::peer::{Refusal, ToReceiver, ToSender};
-use tincan_proto::tracker::{FromTracker, PeerInfo, PresenceChange, RejectReason, ToTracker};
+use tincan_proto::tracker::{
+    FromTracker, HeldMessage, HoldResult, Notice, NoticeKind, PeerInfo, PresenceChange,
+    RejectReason, SealKeyEntry, SignedSealKey, ToTracker,
+};
 use tincan_proto::{Codec, FrameError, MAX_FRAME_LEN, MAX_LOCAL_ADDRS, MessageId, Name, PeerId};
 
 // ---------------------------------------------------------------------------
@@ -113,6 +116,68 @@ fn arb_reject_reason() -> impl Strategy<Value = RejectReason> {
     ])
 }
 
+/// Opaque byte strings (signatures, receipts, sealed messages). Up to 300
+/// bytes, so both one- and two-byte varint lengths occur.
+fn arb_blob() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(any::<u8>(), 0..300)
+}
+
+fn arb_signed_seal_key() -> impl Strategy<Value = SignedSealKey> {
+    (any::<[u8; 32]>(), arb_blob()).prop_map(|(key, sig)| SignedSealKey { key, sig })
+}
+
+fn arb_seal_key_entry() -> impl Strategy<Value = SealKeyEntry> {
+    (arb_name(), arb_peer_id(), arb_signed_seal_key()).prop_map(|(name, id, seal)| SealKeyEntry {
+        name,
+        id,
+        seal,
+    })
+}
+
+fn arb_hold_result() -> impl Strategy<Value = HoldResult> {
+    prop_oneof![
+        any::<u64>().prop_map(|expires_at| HoldResult::Held { expires_at }),
+        Just(HoldResult::UnknownName),
+        Just(HoldResult::KeyMismatch),
+        Just(HoldResult::MailboxFull),
+        Just(HoldResult::TooLarge),
+        Just(HoldResult::Unavailable),
+    ]
+}
+
+fn arb_held_message() -> impl Strategy<Value = HeldMessage> {
+    (
+        arb_name(),
+        arb_peer_id(),
+        arb_message_id(),
+        any::<u64>(),
+        arb_blob(),
+    )
+        .prop_map(|(from, from_id, id, stored_at, sealed)| HeldMessage {
+            from,
+            from_id,
+            id,
+            stored_at,
+            sealed,
+        })
+}
+
+fn arb_notice_kind() -> impl Strategy<Value = NoticeKind> {
+    prop_oneof![
+        (arb_peer_id(), arb_blob()).prop_map(|(by, receipt)| NoticeKind::Delivered { by, receipt }),
+        Just(NoticeKind::Expired),
+        Just(NoticeKind::Rejected),
+    ]
+}
+
+fn arb_notice() -> impl Strategy<Value = Notice> {
+    (arb_message_id(), arb_name(), arb_notice_kind()).prop_map(|(id, to, kind)| Notice {
+        id,
+        to,
+        kind,
+    })
+}
+
 fn arb_refusal() -> impl Strategy<Value = Refusal> {
     prop::sample::select(vec![Refusal::UnknownSender, Refusal::TooLarge])
 }
@@ -129,6 +194,26 @@ fn arb_to_tracker() -> impl Strategy<Value = ToTracker> {
         Just(ToTracker::Thanks),
         (any::<u32>(), arb_name()).prop_map(|(req, name)| ToTracker::Lookup { req, name }),
         Just(ToTracker::Logout),
+        arb_signed_seal_key().prop_map(ToTracker::PublishSealKey),
+        (any::<u32>(), arb_name()).prop_map(|(req, name)| ToTracker::SealKeyOf { req, name }),
+        (arb_name(), arb_peer_id(), arb_message_id(), arb_blob()).prop_map(
+            |(to, to_id, id, sealed)| ToTracker::Hold {
+                to,
+                to_id,
+                id,
+                sealed,
+            }
+        ),
+        (arb_message_id(), arb_peer_id(), arb_blob()).prop_map(|(id, from_id, receipt)| {
+            ToTracker::HeldReceived {
+                id,
+                from_id,
+                receipt,
+            }
+        }),
+        (arb_message_id(), arb_peer_id())
+            .prop_map(|(id, from_id)| ToTracker::HeldRejected { id, from_id }),
+        arb_message_id().prop_map(|id| ToTracker::NoticeSeen { id }),
     ]
 }
 
@@ -146,6 +231,12 @@ fn arb_from_tracker() -> impl Strategy<Value = FromTracker> {
             .prop_map(|(req, peer)| FromTracker::LookupReply { req, peer }),
         Just(FromTracker::Goodbye),
         Just(FromTracker::Replaced),
+        (any::<u32>(), prop::option::of(arb_seal_key_entry()))
+            .prop_map(|(req, entry)| FromTracker::SealKeyReply { req, entry }),
+        (arb_message_id(), arb_hold_result())
+            .prop_map(|(id, result)| FromTracker::HoldReply { id, result }),
+        arb_held_message().prop_map(FromTracker::Held),
+        arb_notice().prop_map(FromTracker::Notice),
     ]
 }
 
@@ -254,6 +345,28 @@ fn alice_info() -> PeerInfo {
     }
 }
 
+/// A sealing public key: 40 41 .. 5f.
+fn seal_key() -> [u8; 32] {
+    std::array::from_fn(|i| 0x40 + i as u8)
+}
+
+/// Signatures, receipts and sealed messages are opaque to the wire, so the
+/// goldens use short stand-ins instead of real 64-byte Ed25519 signatures.
+fn signed_seal_key() -> SignedSealKey {
+    SignedSealKey {
+        key: seal_key(),
+        sig: vec![0xa1, 0xa2, 0xa3, 0xa4],
+    }
+}
+
+fn receipt() -> Vec<u8> {
+    vec![0xb1, 0xb2, 0xb3]
+}
+
+fn sealed() -> Vec<u8> {
+    vec![0xc1, 0xc2, 0xc3, 0xc4, 0xc5]
+}
+
 fn bob_info() -> PeerInfo {
     PeerInfo {
         name: name("Bob-2_x"),
@@ -272,9 +385,22 @@ macro_rules! peer_id_a_hex {
         "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
     };
 }
+macro_rules! peer_id_b_hex {
+    () => {
+        "e0e1e2e3e4e5e6e7e8e9eaebecedeeeff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"
+    };
+}
 macro_rules! message_id_hex {
     () => {
         "f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff"
+    };
+}
+macro_rules! signed_seal_key_hex {
+    () => {
+        concat!(
+            "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f ", // key, raw
+            "04 a1a2a3a4",                                                       // sig: 4 bytes
+        )
     };
 }
 macro_rules! alice_info_hex {
@@ -316,6 +442,62 @@ fn to_tracker_goldens() -> Vec<Golden<ToTracker>> {
             "02 ac02 05 616c696365", // req 300 (two-byte varint), name
         ),
         ("Logout", ToTracker::Logout, "03"),
+        (
+            "PublishSealKey",
+            ToTracker::PublishSealKey(signed_seal_key()),
+            concat!("04 ", signed_seal_key_hex!()),
+        ),
+        (
+            "SealKeyOf",
+            ToTracker::SealKeyOf {
+                req: 300,
+                name: name("alice"),
+            },
+            "05 ac02 05 616c696365", // req 300, name
+        ),
+        (
+            "Hold",
+            ToTracker::Hold {
+                to: name("alice"),
+                to_id: peer_id_a(),
+                id: message_id(),
+                sealed: sealed(),
+            },
+            concat!(
+                "06 ",            // variant Hold
+                "05 616c696365 ", // to "alice"
+                peer_id_a_hex!(), // to_id
+                message_id_hex!(),
+                " 05 c1c2c3c4c5", // sealed: 5 bytes
+            ),
+        ),
+        (
+            "HeldReceived",
+            ToTracker::HeldReceived {
+                id: message_id(),
+                from_id: peer_id_b(),
+                receipt: receipt(),
+            },
+            concat!(
+                "07 ",
+                message_id_hex!(),
+                peer_id_b_hex!(), // from_id
+                " 03 b1b2b3",     // receipt: 3 bytes
+            ),
+        ),
+        (
+            "HeldRejected",
+            ToTracker::HeldRejected {
+                id: message_id(),
+                from_id: peer_id_b(),
+            },
+            concat!("08 ", message_id_hex!(), peer_id_b_hex!()),
+        ),
+        (
+            "NoticeSeen",
+            ToTracker::NoticeSeen { id: message_id() },
+            concat!("09 ", message_id_hex!()),
+        ),
     ]
 }
 
@@ -423,6 +605,137 @@ fn from_tracker_goldens() -> Vec<Golden<FromTracker>> {
         ),
         ("Goodbye", FromTracker::Goodbye, "05"),
         ("Replaced", FromTracker::Replaced, "06"),
+        (
+            "SealKeyReply(Some)",
+            FromTracker::SealKeyReply {
+                req: 300,
+                entry: Some(SealKeyEntry {
+                    name: name("alice"),
+                    id: peer_id_a(),
+                    seal: signed_seal_key(),
+                }),
+            },
+            concat!(
+                "07 ac02 01 ",    // variant SealKeyReply, req 300, Some
+                "05 616c696365 ", // name "alice"
+                peer_id_a_hex!(), // id
+                " ",
+                signed_seal_key_hex!(), // seal
+            ),
+        ),
+        (
+            "SealKeyReply(None)",
+            FromTracker::SealKeyReply {
+                req: 7,
+                entry: None,
+            },
+            "07 07 00",
+        ),
+        (
+            "HoldReply(Held)",
+            FromTracker::HoldReply {
+                id: message_id(),
+                result: HoldResult::Held {
+                    expires_at: 1_700_000_000,
+                },
+            },
+            concat!("08 ", message_id_hex!(), " 00 80e2cfaa06"), // expires_at, five-byte varint
+        ),
+        (
+            "HoldReply(UnknownName)",
+            FromTracker::HoldReply {
+                id: message_id(),
+                result: HoldResult::UnknownName,
+            },
+            concat!("08 ", message_id_hex!(), " 01"),
+        ),
+        (
+            "HoldReply(KeyMismatch)",
+            FromTracker::HoldReply {
+                id: message_id(),
+                result: HoldResult::KeyMismatch,
+            },
+            concat!("08 ", message_id_hex!(), " 02"),
+        ),
+        (
+            "HoldReply(MailboxFull)",
+            FromTracker::HoldReply {
+                id: message_id(),
+                result: HoldResult::MailboxFull,
+            },
+            concat!("08 ", message_id_hex!(), " 03"),
+        ),
+        (
+            "HoldReply(TooLarge)",
+            FromTracker::HoldReply {
+                id: message_id(),
+                result: HoldResult::TooLarge,
+            },
+            concat!("08 ", message_id_hex!(), " 04"),
+        ),
+        (
+            "HoldReply(Unavailable)",
+            FromTracker::HoldReply {
+                id: message_id(),
+                result: HoldResult::Unavailable,
+            },
+            concat!("08 ", message_id_hex!(), " 05"),
+        ),
+        (
+            "Held",
+            FromTracker::Held(HeldMessage {
+                from: name("alice"),
+                from_id: peer_id_a(),
+                id: message_id(),
+                stored_at: 1_699_990_000,
+                sealed: sealed(),
+            }),
+            concat!(
+                "09 ",            // variant Held
+                "05 616c696365 ", // from "alice"
+                peer_id_a_hex!(), // from_id
+                message_id_hex!(),
+                " f093cfaa06",    // stored_at, five-byte varint
+                " 05 c1c2c3c4c5", // sealed: 5 bytes
+            ),
+        ),
+        (
+            "Notice(Delivered)",
+            FromTracker::Notice(Notice {
+                id: message_id(),
+                to: name("alice"),
+                kind: NoticeKind::Delivered {
+                    by: peer_id_b(),
+                    receipt: receipt(),
+                },
+            }),
+            concat!(
+                "0a ",
+                message_id_hex!(),
+                " 05 616c696365 ", // to "alice"
+                "00 ",             // kind Delivered
+                peer_id_b_hex!(),  // by
+                " 03 b1b2b3",      // receipt: 3 bytes
+            ),
+        ),
+        (
+            "Notice(Expired)",
+            FromTracker::Notice(Notice {
+                id: message_id(),
+                to: name("alice"),
+                kind: NoticeKind::Expired,
+            }),
+            concat!("0a ", message_id_hex!(), " 05 616c696365 01"),
+        ),
+        (
+            "Notice(Rejected)",
+            FromTracker::Notice(Notice {
+                id: message_id(),
+                to: name("alice"),
+                kind: NoticeKind::Rejected,
+            }),
+            concat!("0a ", message_id_hex!(), " 05 616c696365 02"),
+        ),
     ]
 }
 
@@ -486,9 +799,15 @@ fn to_tracker_index(m: &ToTracker) -> u8 {
         ToTracker::Thanks => 1,
         ToTracker::Lookup { .. } => 2,
         ToTracker::Logout => 3,
+        ToTracker::PublishSealKey(_) => 4,
+        ToTracker::SealKeyOf { .. } => 5,
+        ToTracker::Hold { .. } => 6,
+        ToTracker::HeldReceived { .. } => 7,
+        ToTracker::HeldRejected { .. } => 8,
+        ToTracker::NoticeSeen { .. } => 9,
     }
 }
-const TO_TRACKER_VARIANTS: u8 = 4;
+const TO_TRACKER_VARIANTS: u8 = 10;
 
 fn from_tracker_index(m: &FromTracker) -> u8 {
     match m {
@@ -499,9 +818,13 @@ fn from_tracker_index(m: &FromTracker) -> u8 {
         FromTracker::LookupReply { .. } => 4,
         FromTracker::Goodbye => 5,
         FromTracker::Replaced => 6,
+        FromTracker::SealKeyReply { .. } => 7,
+        FromTracker::HoldReply { .. } => 8,
+        FromTracker::Held(_) => 9,
+        FromTracker::Notice(_) => 10,
     }
 }
-const FROM_TRACKER_VARIANTS: u8 = 7;
+const FROM_TRACKER_VARIANTS: u8 = 11;
 
 fn to_receiver_index(m: &ToReceiver) -> u8 {
     match m {
@@ -763,9 +1086,12 @@ fn assert_spaced_name_rejected<T: DeserializeOwned + Debug>(goldens: &[Golden<T>
 
 #[test]
 fn an_invalid_name_in_any_message_that_carries_one_is_rejected() {
-    // Hello, Lookup; ClientList, Presence(Joined/Left), LookupReply(Some); Open.
-    assert_eq!(assert_spaced_name_rejected(&to_tracker_goldens()), 2);
-    assert_eq!(assert_spaced_name_rejected(&from_tracker_goldens()), 4);
+    // Hello, Lookup, SealKeyOf, Hold;
+    // ClientList, Presence(Joined/Left), LookupReply(Some), SealKeyReply(Some),
+    // Held, Notice(Delivered/Expired/Rejected);
+    // Open.
+    assert_eq!(assert_spaced_name_rejected(&to_tracker_goldens()), 4);
+    assert_eq!(assert_spaced_name_rejected(&from_tracker_goldens()), 9);
     assert_eq!(assert_spaced_name_rejected(&to_receiver_goldens()), 1);
 }
 
@@ -778,16 +1104,26 @@ fn unknown_variant_indices_and_invalid_tags_are_rejected() {
             "{hex} decoded as {res:?}"
         );
     }
-    bad::<ToTracker>("04"); // one past Logout
+    bad::<ToTracker>("0a"); // one past NoticeSeen
     bad::<ToTracker>("7f");
     bad::<ToTracker>("8001"); // varint 128
     bad::<ToTracker>("02 ffffffffff01 01 61"); // Lookup.req overflows u32
-    bad::<FromTracker>("07"); // one past Replaced
+    bad::<ToTracker>("05 ffffffffff01 01 61"); // SealKeyOf.req overflows u32
+    bad::<FromTracker>("0b"); // one past Notice
     bad::<FromTracker>("00 02 cb007107 c0b802 e807"); // SocketAddr tag 2
     bad::<FromTracker>("01 06"); // RejectReason one past ProtocolViolation
     bad::<FromTracker>("02 00 02"); // ClientList.last is neither 0 nor 1
     bad::<FromTracker>("03 02"); // PresenceChange one past Left
     bad::<FromTracker>("04 07 02"); // Option tag 2
+    bad::<FromTracker>("07 07 02"); // SealKeyReply.entry: Option tag 2
+    bad::<FromTracker>(concat!("08 ", message_id_hex!(), " 06")); // HoldResult one past Unavailable
+    // HoldResult::Held.expires_at overflows u64
+    bad::<FromTracker>(concat!(
+        "08 ",
+        message_id_hex!(),
+        " 00 ffffffffffffffffff02"
+    ));
+    bad::<FromTracker>(concat!("0a ", message_id_hex!(), " 05 616c696365 03")); // NoticeKind one past Rejected
     bad::<ToReceiver>("02"); // one past Msg
     bad::<ToReceiver>(concat!("01 ", message_id_hex!(), " 00 02 fffe")); // body not UTF-8
     bad::<ToSender>("02"); // one past Refused

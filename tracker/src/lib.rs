@@ -10,6 +10,7 @@
 //!   decides who hears about a change).
 //! - [`store`]: name → key bindings in SQLite, behind the [`store::NameStore`] trait.
 
+pub mod mailbox;
 pub mod registry;
 pub mod session;
 pub mod store;
@@ -30,6 +31,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
+    mailbox::Mailbox,
     registry::Registry,
     session::Shared,
     store::{NAME_RETENTION, SqliteNames},
@@ -55,6 +57,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub max_peers: usize,
     pub name_retention: Duration,
+    /// How long sealed messages wait for an offline recipient.
+    pub held_ttl: Duration,
 }
 
 impl Config {
@@ -64,6 +68,7 @@ impl Config {
             data_dir,
             max_peers: DEFAULT_MAX_PEERS,
             name_retention: NAME_RETENTION,
+            held_ttl: mailbox::HELD_TTL,
         }
     }
 }
@@ -106,7 +111,9 @@ impl Tracker {
             source,
         })?;
         let identity = Identity::load_or_create(&config.data_dir.join("tracker.key"))?;
-        let names = SqliteNames::open(&config.data_dir.join("tracker.db"), config.name_retention)?;
+        let db_path = config.data_dir.join("tracker.db");
+        let names = SqliteNames::open(&db_path, config.name_retention)?;
+        let mailbox = Mailbox::open(&db_path, config.held_ttl)?;
 
         let tls = tincan_proto::tls::server_config(&identity, &[ALPN_TRACKER])?;
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| StartError::Tls(e.to_string()))?;
@@ -133,6 +140,7 @@ impl Tracker {
             shared: Arc::new(Shared {
                 registry: Registry::new(config.max_peers),
                 names: Box::new(names),
+                mailbox,
                 max_peers: u32::try_from(config.max_peers).unwrap_or(u32::MAX),
             }),
             max_connections: config.max_peers.saturating_add(MAX_ENROLLING),
@@ -153,6 +161,7 @@ impl Tracker {
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         let open = Arc::new(AtomicUsize::new(0));
+        tasks.spawn(expire_held(self.shared.clone(), shutdown.clone()));
         loop {
             let incoming = tokio::select! {
                 incoming = self.endpoint.accept() => match incoming {
@@ -180,6 +189,29 @@ impl Tracker {
         tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Sweeps held messages past their time-to-live and tells their senders.
+async fn expire_held(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.mailbox.sweep_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match shared.mailbox.expire(store::now_secs()) {
+            Ok(expired) => {
+                for (sender, notice) in expired {
+                    info!("a held message expired");
+                    shared
+                        .registry
+                        .push(&sender, tincan_proto::tracker::FromTracker::Notice(notice));
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot expire held messages"),
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! `tracker`: parses arguments, sets up logging, runs [`tincan_tracker::Tracker`].
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
@@ -21,6 +21,12 @@ struct Args {
     /// Most peers online at once.
     #[arg(long, default_value_t = DEFAULT_MAX_PEERS)]
     max_peers: usize,
+    /// How long sealed messages wait for an offline recipient (e.g. 7d, 12h, 30s).
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    held_ttl: Duration,
+    /// How long a name stays bound to its key after its last use (e.g. 30d).
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    name_retention: Duration,
 }
 
 fn main() -> ExitCode {
@@ -53,6 +59,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut config = Config::new(args.listen, data_dir);
     config.max_peers = args.max_peers;
+    config.held_ttl = args.held_ttl;
+    config.name_retention = args.name_retention;
     let tracker = Tracker::bind(config)?;
     let addr = tracker.local_addr().context("reading the bound address")?;
     println!("tracker listening on {addr}");

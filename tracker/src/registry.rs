@@ -24,11 +24,14 @@ use tincan_proto::{
     codec::{Encoded, FrameError},
     tracker::{FromTracker, PeerInfo, PresenceChange, RejectReason},
 };
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 /// How many presence changes a session may fall behind before it is dropped.
 pub const PRESENCE_BACKLOG: usize = 4096;
+/// Frames addressed to one session (held messages, notices) waiting to be
+/// written; past this they stay in the mailbox for the next enrollment.
+pub const INBOX_QUEUE: usize = 256;
 
 /// Identifies one enrollment (one connection's session), so that a late
 /// leave from a replaced session cannot remove its successor.
@@ -60,6 +63,7 @@ struct Entry {
     session: SessionId,
     /// Cancelled when a newer session of the same key replaces this one.
     replaced: CancellationToken,
+    inbox: mpsc::Sender<FromTracker>,
 }
 
 /// What a newly joined session needs.
@@ -71,6 +75,8 @@ pub struct Joined {
     pub presence: broadcast::Receiver<PresenceEvent>,
     /// Fires if the same key enrolls again elsewhere.
     pub replaced: CancellationToken,
+    /// Frames addressed to this session alone.
+    pub inbox: mpsc::Receiver<FromTracker>,
 }
 
 impl Registry {
@@ -129,6 +135,7 @@ impl Registry {
         }
 
         let replaced = CancellationToken::new();
+        let (inbox_tx, inbox) = mpsc::channel(INBOX_QUEUE);
         inner.by_id.insert(info.id, key.clone());
         inner.by_name.insert(
             key,
@@ -136,6 +143,7 @@ impl Registry {
                 info: Arc::new(info),
                 session,
                 replaced: replaced.clone(),
+                inbox: inbox_tx,
             },
         );
         let snapshot = inner.by_name.values().map(|e| e.info.clone()).collect();
@@ -150,6 +158,7 @@ impl Registry {
             snapshot,
             presence,
             replaced,
+            inbox,
         })
     }
 
@@ -179,6 +188,16 @@ impl Registry {
         if let Ok(frame) = Encoded::new(&change) {
             let _ = self.presence.send(PresenceEvent { origin, frame });
         }
+    }
+
+    /// Hands `frame` to the online session of `id`, if any, without
+    /// waiting; false if it is offline or its inbox is full.
+    pub fn push(&self, id: &PeerId, frame: FromTracker) -> bool {
+        let inner = self.lock();
+        let Some(entry) = inner.by_id.get(id).and_then(|k| inner.by_name.get(k)) else {
+            return false;
+        };
+        entry.inbox.try_send(frame).is_ok()
     }
 
     pub fn lookup(&self, name: &Name) -> Option<PeerInfo> {

@@ -7,9 +7,12 @@ use std::{sync::Arc, time::Duration};
 use futures_util::{SinkExt, StreamExt};
 use quinn::{Connection, RecvStream, SendStream};
 use tincan_proto::{
-    Codec, FrameError, Name, PROTOCOL_VERSION, PeerId, close,
+    Codec, FrameError, MessageId, Name, PROTOCOL_VERSION, PeerId, close,
     codec::Encoded,
-    tracker::{FromTracker, LIST_PAGE, PeerInfo, RejectReason, ToTracker},
+    tracker::{
+        FromTracker, HeldMessage, HoldResult, LIST_PAGE, Notice, NoticeKind, PeerInfo,
+        RejectReason, SealKeyEntry, ToTracker,
+    },
 };
 use tokio::{sync::broadcast::error::RecvError, time::timeout};
 use tokio_util::{
@@ -19,6 +22,7 @@ use tokio_util::{
 use tracing::{Instrument, debug, info, warn};
 
 use crate::{
+    mailbox::Mailbox,
     registry::{JoinError, Registry},
     store::{NameStore, now_secs},
 };
@@ -38,6 +42,7 @@ type Writer = FramedWrite<SendStream, Codec<(), FromTracker>>;
 pub struct Shared {
     pub registry: Registry,
     pub names: Box<dyn NameStore>,
+    pub mailbox: Mailbox,
     pub max_peers: u32,
 }
 
@@ -243,8 +248,27 @@ impl Session {
                 .await?;
         }
 
+        // Then whatever waited for this peer while it was away.
+        let waiting = self
+            .shared
+            .mailbox
+            .held_for(self.id)
+            .and_then(|held| Ok((held, self.shared.mailbox.notices_for(self.id)?)));
+        match waiting {
+            Ok((held, notices)) => {
+                for message in held {
+                    self.write(&mut writer, FromTracker::Held(message)).await?;
+                }
+                for notice in notices {
+                    self.write(&mut writer, FromTracker::Notice(notice)).await?;
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read the mailbox"),
+        }
+
         let mut presence = joined.presence;
         let replaced = joined.replaced;
+        let mut inbox = joined.inbox;
         loop {
             tokio::select! {
                 frame = reader.next() => match frame {
@@ -253,6 +277,16 @@ impl Session {
                         self.write(&mut writer, FromTracker::LookupReply { req, peer }).await?;
                     }
                     Some(Ok(ToTracker::Logout)) => return self.goodbye(&mut writer).await,
+                    Some(Ok(frame @ (ToTracker::PublishSealKey(_)
+                    | ToTracker::SealKeyOf { .. }
+                    | ToTracker::Hold { .. }
+                    | ToTracker::HeldReceived { .. }
+                    | ToTracker::HeldRejected { .. }
+                    | ToTracker::NoticeSeen { .. }))) => {
+                        if let Some(reply) = self.mail(&name, frame)? {
+                            self.write(&mut writer, reply).await?;
+                        }
+                    }
                     Some(Ok(_)) => return Err(End::Protocol("enrollment frame after enrollment")),
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(End::Eof),
@@ -266,6 +300,7 @@ impl Session {
                     }
                     Err(RecvError::Closed) => return Err(End::Shutdown),
                 },
+                Some(frame) = inbox.recv() => self.write(&mut writer, frame).await?,
                 () = replaced.cancelled() => {
                     // Best effort: the peer may already be gone. The close
                     // code says it too, should this frame not arrive.
@@ -276,6 +311,119 @@ impl Session {
                 () = shutdown.cancelled() => return Err(End::Shutdown),
                 e = self.conn.closed() => return Err(e.into()),
             }
+        }
+    }
+
+    /// The mailbox requests of an enrolled peer: sealing keys, held
+    /// messages, receipts and notices. Returns the reply, if there is one.
+    fn mail(&self, me: &Name, frame: ToTracker) -> Result<Option<FromTracker>, End> {
+        let mailbox = &self.shared.mailbox;
+        let now = now_secs();
+        let logged = |e: crate::store::StoreError| warn!(error = %e, "mailbox storage failed");
+        match frame {
+            ToTracker::PublishSealKey(signed) => {
+                if !tincan_proto::seal::verify_seal_key(self.id, &signed) {
+                    return Err(End::Protocol("sealing key not signed by the peer's key"));
+                }
+                mailbox
+                    .publish_seal_key(self.id, &signed)
+                    .unwrap_or_else(logged);
+                Ok(None)
+            }
+            ToTracker::SealKeyOf { req, name } => {
+                let entry = match self.shared.names.bound(&name) {
+                    Ok(Some((name, id))) => mailbox
+                        .seal_key(id)
+                        .unwrap_or_else(|e| {
+                            logged(e);
+                            None
+                        })
+                        .map(|seal| SealKeyEntry { name, id, seal }),
+                    Ok(None) => None,
+                    Err(e) => {
+                        logged(e);
+                        None
+                    }
+                };
+                Ok(Some(FromTracker::SealKeyReply { req, entry }))
+            }
+            ToTracker::Hold {
+                to,
+                to_id,
+                id,
+                sealed,
+            } => {
+                let result = match self.shared.names.bound(&to) {
+                    Ok(None) => HoldResult::UnknownName,
+                    Ok(Some((_, bound))) if bound != to_id => HoldResult::KeyMismatch,
+                    Ok(Some((to, _))) => mailbox
+                        .hold(me, self.id, &to, to_id, id, &sealed, now)
+                        .unwrap_or_else(|e| {
+                            logged(e);
+                            HoldResult::Unavailable
+                        }),
+                    Err(e) => {
+                        logged(e);
+                        HoldResult::Unavailable
+                    }
+                };
+                if let HoldResult::Held { .. } = result {
+                    debug!(to = %to, "holding a sealed message");
+                    // The recipient may have come online meanwhile.
+                    let held = HeldMessage {
+                        from: me.clone(),
+                        from_id: self.id,
+                        id,
+                        stored_at: now,
+                        sealed,
+                    };
+                    self.shared.registry.push(&to_id, FromTracker::Held(held));
+                }
+                Ok(Some(FromTracker::HoldReply { id, result }))
+            }
+            ToTracker::HeldReceived {
+                id,
+                from_id,
+                receipt,
+            } => {
+                self.settle_held(
+                    from_id,
+                    id,
+                    NoticeKind::Delivered {
+                        by: self.id,
+                        receipt,
+                    },
+                );
+                Ok(None)
+            }
+            ToTracker::HeldRejected { id, from_id } => {
+                self.settle_held(from_id, id, NoticeKind::Rejected);
+                Ok(None)
+            }
+            ToTracker::NoticeSeen { id } => {
+                mailbox.notice_seen(self.id, id).unwrap_or_else(logged);
+                Ok(None)
+            }
+            _ => Err(End::Protocol("not a mailbox request")),
+        }
+    }
+
+    /// The recipient dealt with a held message: drop it, and tell its
+    /// sender (now if online, else at its next enrollment).
+    fn settle_held(&self, sender: PeerId, id: MessageId, kind: NoticeKind) {
+        let mailbox = &self.shared.mailbox;
+        match mailbox.take(self.id, sender, id) {
+            Ok(Some(to)) => {
+                let notice = Notice { id, to, kind };
+                if let Err(e) = mailbox.add_notice(sender, &notice, now_secs()) {
+                    warn!(error = %e, "cannot store a notice");
+                }
+                self.shared
+                    .registry
+                    .push(&sender, FromTracker::Notice(notice));
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "mailbox storage failed"),
         }
     }
 

@@ -26,10 +26,19 @@ pub enum BindError {
 
 /// The store itself failed (I/O, corruption).
 #[derive(Debug, thiserror::Error)]
-#[error("name store {path}: {source}")]
+#[error("tracker database {path}: {source}")]
 pub struct StoreError {
     path: String,
     source: rusqlite::Error,
+}
+
+impl StoreError {
+    pub fn new(path: &str, source: rusqlite::Error) -> Self {
+        Self {
+            path: path.to_string(),
+            source,
+        }
+    }
 }
 
 /// Name → key bindings.
@@ -39,6 +48,9 @@ pub trait NameStore: Send + Sync + 'static {
     fn bind(&self, name: &Name, id: PeerId, now: u64) -> Result<Result<(), BindError>, StoreError>;
     /// Records that `id` was last seen with `name` at `now`.
     fn touch(&self, name: &Name, id: PeerId, now: u64) -> Result<(), StoreError>;
+    /// The key `name` is bound to (online or not), with the name's
+    /// enrolled spelling.
+    fn bound(&self, name: &Name) -> Result<Option<(Name, PeerId)>, StoreError>;
 }
 
 /// Seconds since the Unix epoch.
@@ -73,6 +85,7 @@ impl SqliteNames {
         db.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
+             PRAGMA busy_timeout = 5000;
              CREATE TABLE IF NOT EXISTS bindings (
                  name_key  TEXT PRIMARY KEY,
                  name      TEXT NOT NULL,
@@ -126,6 +139,24 @@ impl NameStore for SqliteNames {
         )
         .map_err(|e| self.err(e))?;
         Ok(Ok(()))
+    }
+
+    fn bound(&self, name: &Name) -> Result<Option<(Name, PeerId)>, StoreError> {
+        let row: Option<(String, Vec<u8>)> = self
+            .lock()
+            .query_row(
+                "SELECT name, peer_id FROM bindings WHERE name_key = ?1",
+                params![name.key()],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(row.and_then(|(n, key)| {
+            Some((
+                Name::parse(&n).ok()?,
+                PeerId(key.as_slice().try_into().ok()?),
+            ))
+        }))
     }
 
     fn touch(&self, name: &Name, id: PeerId, now: u64) -> Result<(), StoreError> {
