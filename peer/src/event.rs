@@ -9,8 +9,10 @@ use tincan_proto::{MessageId, Name, PeerId, tracker::PeerInfo};
 pub enum Path {
     /// A QUIC connection straight to the other peer.
     Direct,
-    /// A circuit through the tracker (not built yet: every path is direct today).
+    /// A circuit through the tracker (not built yet).
     Relay,
+    /// Sealed and stored by the tracker until the recipient collected it.
+    Held,
 }
 
 impl Path {
@@ -18,12 +20,56 @@ impl Path {
         match self {
             Path::Direct => "direct",
             Path::Relay => "relay",
+            Path::Held => "held",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "direct" => Some(Path::Direct),
+            "relay" => Some(Path::Relay),
+            "held" => Some(Path::Held),
+            _ => None,
         }
     }
 }
 
+/// Handed out with every incoming message: the front end drops it (or calls
+/// [`Shown::done`]) once the message is on the user's screen. Only then does
+/// the node record the message as shown and acknowledge it, so a crash
+/// between receiving and showing makes the sender resend instead of losing it.
+pub struct Shown(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Shown {
+    pub(crate) fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Self(Some(tx)), rx)
+    }
+
+    /// The message is on screen.
+    pub fn done(mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Shown {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl std::fmt::Debug for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shown")
+    }
+}
+
 /// Something the user should see.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Event {
     /// Enrollment finished (at start and after every reconnection).
     Enrolled {
@@ -47,6 +93,8 @@ pub enum Event {
         id: MessageId,
         path: Path,
         sent_at_ms: u64,
+        /// Drop it once the message is shown.
+        shown: Shown,
     },
     /// A message of ours left this machine.
     Sent { id: MessageId, to: Name, path: Path },
@@ -57,6 +105,9 @@ pub enum Event {
         path: Path,
         rtt: Duration,
     },
+    /// A message of ours was sealed and left with the tracker, because its
+    /// recipient is not logged on (or not reachable directly).
+    Held { id: MessageId, to: Name },
     /// A message of ours cannot be delivered (final).
     Undeliverable {
         id: MessageId,
@@ -66,6 +117,14 @@ pub enum Event {
     /// The tracker connection is gone; direct conversations go on, and the
     /// node enrolls again after `retry_in`.
     TrackerLost { reason: String, retry_in: Duration },
+    /// The tracker announced a different key for a name than the one this
+    /// peer pinned: nothing goes to or comes from that name until the user
+    /// accepts the new key.
+    KeyChanged {
+        name: Name,
+        pinned: PeerId,
+        announced: PeerId,
+    },
     /// Something the user should know about but that needs no action now.
     Warning { message: String },
     /// The node cannot go on (e.g. the same identity enrolled elsewhere).

@@ -1,8 +1,10 @@
 //! The two front ends of the `peer` binary, both line-based so that scripts
 //! and tests can drive them through pipes:
 //!
-//! - text (default): `/msg NAME TEXT`, `/who`, `/verify [NAME]`, `/help`, `/quit`;
-//!   incoming messages print as `Message from alice: ...`.
+//! - text (default): `/msg NAME TEXT`, `/who`, `/history NAME [N]`,
+//!   `/verify [NAME]`, `/accept NAME`, `/help`, `/quit`; incoming messages
+//!   print as `Message from alice: ...`, and each outgoing message's state
+//!   prints as it changes (`[1a2b3c4d] to bob: delivered (direct, 3 ms)`).
 //! - JSON Lines (`--json`): one command object per input line, one reply or
 //!   event object per output line; stdout carries nothing else (docs/json-api.md).
 //!
@@ -11,17 +13,23 @@
 
 use std::{io::Write, time::Duration};
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tincan_proto::MessageId;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    sync::mpsc,
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+
+use crate::{
+    Event, Node, Path, PeerStatus, links::DIAL_TIMEOUT, outbox::ACK_TIMEOUT, store::HistoryEntry,
 };
 
-use crate::{Event, Node, Path, PeerStatus, links::DIAL_TIMEOUT, node::ACK_TIMEOUT};
-
-/// Longest input line accepted (a maximal message plus its command).
+/// Longest input line accepted (a maximal message plus its command); a
+/// longer line is discarded without being held in memory whole.
 pub const MAX_LINE: usize = tincan_proto::MAX_BODY_LEN + 1024;
+/// History lines shown when `/history NAME` gives no count.
+pub const DEFAULT_HISTORY: usize = 20;
+/// Most history lines one command returns.
+pub const MAX_HISTORY: usize = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -47,7 +55,10 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
             node.id().short()
         ));
     }
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut lines = FramedRead::new(
+        tokio::io::stdin(),
+        LinesCodec::new_with_max_length(MAX_LINE),
+    );
     let mut failed = false;
     loop {
         tokio::select! {
@@ -60,18 +71,17 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
                 Some(event) => out.event(&node, event),
                 None => break,
             },
-            line = lines.next_line() => match line {
-                Ok(Some(line)) => {
-                    if line.len() > MAX_LINE {
-                        out.error(None, &format!("input line longer than {MAX_LINE} bytes ignored"));
-                        continue;
-                    }
+            line = lines.next() => match line {
+                Some(Ok(line)) => {
                     if out.command(&node, &line).await == Flow::Quit {
                         break;
                     }
                 }
+                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                    out.error(None, &format!("input line longer than {MAX_LINE} bytes ignored"));
+                }
                 // End of input: let what was sent reach its final state, then leave.
-                Ok(None) | Err(_) => {
+                None | Some(Err(_)) => {
                     let settle = node.settle(DIAL_TIMEOUT + ACK_TIMEOUT);
                     tokio::pin!(settle);
                     loop {
@@ -110,6 +120,22 @@ struct Output {
     mode: Mode,
 }
 
+/// Text from the network, made safe for a terminal line: control
+/// characters (newlines, escapes) are shown escaped, so a message cannot
+/// fake other lines or move the cursor.
+fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
 impl Output {
     fn line(&mut self, s: &str) {
         let mut stdout = std::io::stdout().lock();
@@ -142,9 +168,9 @@ impl Output {
             return Flow::Continue;
         }
         let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let rest = rest.trim();
         match cmd {
             "/msg" | "/m" => {
-                let rest = rest.trim_start();
                 let (to, text) = rest.split_once(' ').unwrap_or((rest, ""));
                 if to.is_empty() || text.trim().is_empty() {
                     self.line("usage: /msg NAME TEXT");
@@ -162,7 +188,33 @@ impl Output {
                     self.line(&who_line(&p));
                 }
             }
-            "/verify" => match rest.trim() {
+            "/history" | "/h" => {
+                let mut words = rest.split_whitespace();
+                let Some(with) = words.next() else {
+                    self.line("usage: /history NAME [N]");
+                    return Flow::Continue;
+                };
+                let limit = match words.next().map(str::parse::<usize>) {
+                    None => DEFAULT_HISTORY,
+                    Some(Ok(n)) => n.min(MAX_HISTORY),
+                    Some(Err(_)) => {
+                        self.line("usage: /history NAME [N]");
+                        return Flow::Continue;
+                    }
+                };
+                match node.history(with, limit) {
+                    Ok(entries) if entries.is_empty() => {
+                        self.line(&format!("no messages with {with} yet"))
+                    }
+                    Ok(entries) => {
+                        for e in entries {
+                            self.line(&history_line(node, &e));
+                        }
+                    }
+                    Err(e) => self.error(None, &e.to_string()),
+                }
+            }
+            "/verify" => match rest {
                 "" => self.line(&format!("your key: {}", node.id())),
                 name => match node
                     .peers()
@@ -173,11 +225,17 @@ impl Output {
                     None => self.line(&format!("{name} is not on the client list")),
                 },
             },
+            "/accept" => match node.accept_key(rest) {
+                Ok(Some(key)) => self.line(&format!("now trusting {rest}'s new key {key}")),
+                Ok(None) => self.line(&format!("no changed key is waiting for {rest}")),
+                Err(e) => self.error(None, &e.to_string()),
+            },
             "/help" | "/?" => self.line(HELP),
             "/quit" | "/exit" | "/logout" => return Flow::Quit,
-            other if other.starts_with('/') => {
-                self.line(&format!("unknown command {other}; type /help for the list"))
-            }
+            other if other.starts_with('/') => self.line(&format!(
+                "unknown command {}; type /help for the list",
+                printable(other)
+            )),
             _ => self.line("to send a message type /msg NAME TEXT (/help for more)"),
         }
         Flow::Continue
@@ -217,6 +275,51 @@ impl Output {
                 let peers: Vec<Value> = node.peers().iter().map(peer_json).collect();
                 self.json(json!({"id": id, "ok": true, "peers": peers}));
             }
+            Some("history") => {
+                let Some(with) = str_field("with") else {
+                    self.error(Some(&id), "history needs a string field \"with\"");
+                    return Flow::Continue;
+                };
+                let limit = cmd
+                    .get("limit")
+                    .and_then(Value::as_u64)
+                    .map_or(DEFAULT_HISTORY, |n| {
+                        usize::try_from(n).unwrap_or(MAX_HISTORY).min(MAX_HISTORY)
+                    });
+                match node.history(with, limit) {
+                    Ok(entries) => {
+                        let messages: Vec<Value> =
+                            entries.iter().map(|e| history_json(node, e)).collect();
+                        self.json(json!({"id": id, "ok": true, "messages": messages}));
+                    }
+                    Err(e) => self.error(Some(&id), &e.to_string()),
+                }
+            }
+            Some("outbox") => match node.outbox() {
+                Ok(pending) => {
+                    let messages: Vec<Value> = pending
+                        .iter()
+                        .map(|p| json!({"msg_id": p.id.to_string(), "to": p.to.as_str(), "state": p.state.name()}))
+                        .collect();
+                    self.json(json!({"id": id, "ok": true, "pending": pending.len(), "messages": messages}));
+                }
+                Err(e) => self.error(Some(&id), &e.to_string()),
+            },
+            Some("accept_key") => {
+                let Some(name) = str_field("name") else {
+                    self.error(Some(&id), "accept_key needs a string field \"name\"");
+                    return Flow::Continue;
+                };
+                match node.accept_key(name) {
+                    Ok(Some(key)) => {
+                        self.json(json!({"id": id, "ok": true, "peer_id": key.to_string()}))
+                    }
+                    Ok(None) => {
+                        self.error(Some(&id), &format!("no changed key is waiting for {name}"))
+                    }
+                    Err(e) => self.error(Some(&id), &e.to_string()),
+                }
+            }
             Some("verify") => {
                 self.json(json!({"id": id, "ok": true, "peer_id": node.id().to_string()}))
             }
@@ -224,14 +327,8 @@ impl Output {
                 self.json(json!({"id": id, "ok": true}));
                 return Flow::Quit;
             }
-            Some(other) => self.error(
-                Some(&id),
-                &format!("unknown command {other:?}; commands: send, who, verify, logout"),
-            ),
-            None => self.error(
-                Some(&id),
-                "missing \"cmd\"; commands: send, who, verify, logout",
-            ),
+            Some(other) => self.error(Some(&id), &format!("unknown command {other:?}; {COMMANDS}")),
+            None => self.error(Some(&id), &format!("missing \"cmd\"; {COMMANDS}")),
         }
         Flow::Continue
     }
@@ -245,15 +342,23 @@ impl Output {
                 }
             }
         }
+        // Written and flushed: the message is on screen.
+        if let Event::Message { shown, .. } = event {
+            shown.done();
+        }
     }
 }
 
+const COMMANDS: &str = "commands: send, who, history, outbox, accept_key, verify, logout";
+
 const HELP: &str = "commands:
-  /msg NAME TEXT   send TEXT to NAME (directly, peer to peer)
-  /who             who is online, and our link to each
-  /verify [NAME]   show your full key, or NAME's
-  /help            this list
-  /quit            log out and exit";
+  /msg NAME TEXT     send TEXT to NAME (directly; held by the tracker if NAME is away)
+  /who               who is online, and our link to each
+  /history NAME [N]  the last N messages with NAME (default 20)
+  /verify [NAME]     show your full key, or NAME's
+  /accept NAME       trust NAME's new key after it changed (check it first)
+  /help              this list
+  /quit              log out and exit";
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -271,6 +376,46 @@ fn who_line(p: &PeerStatus) -> String {
         p.info.id.short(),
         link
     )
+}
+
+fn history_line(node: &Node, e: &HistoryEntry) -> String {
+    let (who, state) = if e.outgoing {
+        let mut state = e.state.clone();
+        if let Some(path) = &e.path {
+            state = format!("{state}, {path}");
+        }
+        if let Some(reason) = &e.reason {
+            state = format!("{state}: {reason}");
+        }
+        (node.name().to_string(), format!(" [{state}]"))
+    } else {
+        (e.with.clone(), String::new())
+    };
+    format!(
+        "  {} {}: {}{}",
+        clock(e.at_ms),
+        who,
+        printable(&e.body),
+        state
+    )
+}
+
+/// UTC wall-clock time of day, HH:MM:SS.
+fn clock(at_ms: u64) -> String {
+    let secs = at_ms / 1000 % 86_400;
+    format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+fn history_json(node: &Node, e: &HistoryEntry) -> Value {
+    let (from, to) = if e.outgoing {
+        (node.name().to_string(), e.with.clone())
+    } else {
+        (e.with.clone(), node.name().to_string())
+    };
+    json!({
+        "msg_id": e.id.to_string(), "from": from, "to": to, "text": e.body,
+        "at_ms": e.at_ms, "state": e.state, "path": e.path, "reason": e.reason,
+    })
 }
 
 fn peer_json(p: &PeerStatus) -> Value {
@@ -313,6 +458,7 @@ fn event_json(event: &Event) -> Value {
             id,
             path,
             sent_at_ms,
+            ..
         } => json!({
             "event": "message", "from": from.as_str(), "text": text, "msg_id": msg_id(id),
             "path": path.as_str(), "sent_at_ms": sent_at_ms,
@@ -320,11 +466,22 @@ fn event_json(event: &Event) -> Value {
         Event::Sent { id, to, path } => json!({
             "event": "sent", "msg_id": msg_id(id), "to": to.as_str(), "path": path.as_str(),
         }),
+        Event::Held { id, to } => json!({
+            "event": "held", "msg_id": msg_id(id), "to": to.as_str(),
+        }),
         Event::Delivered { id, to, path, rtt } => json!({
             "event": "delivered", "msg_id": msg_id(id), "to": to.as_str(), "path": path.as_str(), "rtt_ms": ms(*rtt),
         }),
         Event::Undeliverable { id, to, reason } => json!({
             "event": "undeliverable", "msg_id": msg_id(id), "to": to.as_str(), "reason": reason,
+        }),
+        Event::KeyChanged {
+            name,
+            pinned,
+            announced,
+        } => json!({
+            "event": "key_changed", "name": name.as_str(), "pinned": pinned.to_string(),
+            "announced": announced.to_string(),
         }),
         Event::TrackerLost { reason, retry_in } => json!({
             "event": "tracker_lost", "reason": reason, "retry_in_ms": ms(*retry_in),
@@ -366,11 +523,21 @@ fn event_text(node: &Node, event: &Event) -> Option<String> {
         } => format!("* {name} went offline"),
         Event::Message {
             from, text, path, ..
-        } => match path {
-            Path::Direct => format!("Message from {from}: {text}"),
-            Path::Relay => format!("Message from {from} (relayed): {text}"),
-        },
-        Event::Sent { .. } => return None,
+        } => {
+            let text = printable(text);
+            match path {
+                Path::Direct => format!("Message from {from}: {text}"),
+                Path::Relay => format!("Message from {from} (relayed): {text}"),
+                Path::Held => format!("Message from {from} (held while you were away): {text}"),
+            }
+        }
+        Event::Sent { id, to, path } => {
+            format!("[{}] to {to}: sent ({})", id.short(), path.as_str())
+        }
+        Event::Held { id, to } => format!(
+            "[{}] to {to}: held by the tracker until {to} logs on",
+            id.short()
+        ),
         Event::Delivered { id, to, path, rtt } => format!(
             "[{}] to {to}: delivered ({}, {} ms)",
             id.short(),
@@ -380,11 +547,43 @@ fn event_text(node: &Node, event: &Event) -> Option<String> {
         Event::Undeliverable { id, to, reason } => {
             format!("[{}] to {to}: NOT delivered: {reason}", id.short())
         }
+        Event::KeyChanged {
+            name,
+            pinned,
+            announced,
+        } => format!(
+            "!!! WARNING: {name}'s KEY CHANGED. Pinned {}, the tracker now announces {}. \
+             Nothing goes to or comes from {name} until you check the new key with {name} \
+             and type /accept {name}",
+            pinned.short(),
+            announced.short()
+        ),
         Event::TrackerLost { reason, retry_in } => format!(
             "! lost the tracker ({reason}); direct conversations go on; enrolling again in {} s",
             retry_in.as_secs()
         ),
-        Event::Warning { message } => format!("! warning: {message}"),
+        Event::Warning { message } => format!("! warning: {}", printable(message)),
         Event::Fatal { reason } => format!("! fatal: {reason}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_text_cannot_fake_lines_or_escape_sequences() {
+        assert_eq!(
+            printable("hi\nMessage from carol: x"),
+            "hi\\nMessage from carol: x"
+        );
+        assert_eq!(printable("\u{1b}[2J"), "\\u{1b}[2J");
+        assert_eq!(printable("plain ünïcode ok"), "plain ünïcode ok");
+    }
+
+    #[test]
+    fn clock_shows_utc_time_of_day() {
+        assert_eq!(clock(0), "00:00:00");
+        assert_eq!(clock((13 * 3600 + 5 * 60 + 9) * 1000 + 999), "13:05:09");
+    }
 }

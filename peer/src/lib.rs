@@ -16,12 +16,15 @@
 //! Every task is spawned on the node's `TaskTracker` and stops with its
 //! `CancellationToken`; the front end only talks to [`Node`] and reads [`Event`]s.
 
+pub mod delivery;
 pub mod directory;
 pub mod event;
 pub mod frontend;
 pub mod links;
+pub mod mail;
 pub mod net;
 pub mod node;
+pub mod outbox;
 pub mod store;
 pub mod tracker_client;
 

@@ -12,7 +12,7 @@
 //! still acknowledged (and anything that is not is resent by the sender).
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -33,9 +33,10 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
-    event::{Event, Path},
+    event::{Event, Path, Shown},
     net,
     node::Inner,
+    store::Incoming,
 };
 
 /// Longest wait for a direct connection to come up.
@@ -48,8 +49,6 @@ pub const OUT_QUEUE: usize = 1024;
 pub const MAX_LINKS: usize = 256;
 /// How long the losing connection of a simultaneous dial stays open.
 pub const DUPLICATE_GRACE: Duration = Duration::from_secs(2);
-/// How many message ids the receiver remembers to show each id once.
-pub const SEEN_CAPACITY: usize = 65_536;
 
 /// The identity proven by a connection's TLS handshake.
 pub fn remote_id(conn: &Connection) -> Option<PeerId> {
@@ -213,37 +212,6 @@ impl Link {
             link.fail_pending(end);
         });
         Ok(tx)
-    }
-}
-
-/// Remembers recently shown message ids, oldest forgotten first.
-pub struct Seen {
-    set: HashSet<MessageId>,
-    order: VecDeque<MessageId>,
-    capacity: usize,
-}
-
-impl Seen {
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            set: HashSet::new(),
-            order: VecDeque::new(),
-            capacity,
-        }
-    }
-
-    /// True if `id` is new (and should be shown).
-    pub fn insert(&mut self, id: MessageId) -> bool {
-        if !self.set.insert(id) {
-            return false;
-        }
-        self.order.push_back(id);
-        if self.order.len() > self.capacity
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
-        }
-        true
     }
 }
 
@@ -519,16 +487,37 @@ async fn serve_stream(
                         .close(close::PROTOCOL.into(), b"message too large");
                     return Err("oversized message".into());
                 }
-                if inner.seen(id) {
-                    inner
-                        .emit(Event::Message {
-                            from: from.clone(),
-                            text: body,
-                            id,
-                            path: link.path(),
-                            sent_at_ms,
-                        })
-                        .await;
+                // Record, show, then mark shown: a crash in between makes
+                // the sender resend, and the message is shown (not lost).
+                let path = link.path();
+                match inner
+                    .store
+                    .receive(link.0.peer, &from, id, &body, sent_at_ms, path.as_str())
+                {
+                    Ok(Incoming::New | Incoming::NotShown) => {
+                        let (shown, on_screen) = Shown::new();
+                        inner
+                            .emit(Event::Message {
+                                from: from.clone(),
+                                text: body,
+                                id,
+                                path,
+                                sent_at_ms,
+                                shown,
+                            })
+                            .await;
+                        let _ = on_screen.await;
+                        if let Err(e) = inner.store.mark_shown(link.0.peer, id) {
+                            warn!(error = %e, "cannot record a shown message");
+                        }
+                    }
+                    Ok(Incoming::Shown) => {}
+                    Err(e) => {
+                        // Not recorded, so not acknowledged: the sender resends.
+                        warn!(error = %e, "cannot record an incoming message");
+                        link.0.conn.close(close::NORMAL.into(), b"storage failure");
+                        return Err(e.to_string());
+                    }
                 }
                 writer
                     .send(ToSender::Ack { id })
@@ -551,16 +540,4 @@ async fn serve_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seen_shows_each_id_once_and_forgets_the_oldest_past_capacity() {
-        let mut seen = Seen::new(2);
-        let (a, b, c) = (MessageId([1; 16]), MessageId([2; 16]), MessageId([3; 16]));
-        assert!(seen.insert(a));
-        assert!(!seen.insert(a));
-        assert!(seen.insert(b));
-        assert!(seen.insert(c));
-        assert!(!seen.insert(c));
-        assert!(seen.insert(a), "oldest id is forgotten past capacity");
-    }
 }

@@ -34,6 +34,10 @@ struct Args {
     /// Local UDP address for this peer's endpoint.
     #[arg(long, default_value = "0.0.0.0:0")]
     bind: SocketAddr,
+    /// Do not leave messages for offline peers with the tracker: bounce
+    /// them at once, as the classic IM server did.
+    #[arg(long)]
+    no_offline: bool,
 }
 
 fn parse_key(s: &str) -> Result<PeerId, String> {
@@ -83,6 +87,7 @@ async fn run(args: Args) -> anyhow::Result<Exit> {
     let mut config = Config::new(args.name, args.tracker, data_dir);
     config.tracker_key = args.tracker_key;
     config.bind = args.bind;
+    config.offline_delivery = !args.no_offline;
     let (node, events) = Node::start(config).await?;
     let mode = if args.json { Mode::Json } else { Mode::Text };
     Ok(frontend::run(node, events, mode).await)

@@ -1,5 +1,6 @@
 //! [`Node`]: the cloneable handle a front end drives, and the state its
-//! tasks share.
+//! tasks share. Sending lives in [`crate::outbox`], receiving in
+//! [`crate::links`] (direct) and [`crate::mail`] (held by the tracker).
 
 use std::{
     collections::HashMap,
@@ -9,25 +10,27 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
-use futures_util::future::BoxFuture;
 use quinn::Endpoint;
 use tincan_proto::{
-    MAX_BODY_LEN, MessageId, Name, NameError, PeerId, peer::ToReceiver, tls::Identity,
-    tracker::PeerInfo,
+    MAX_BODY_LEN, MessageId, Name, NameError, PeerId,
+    seal::{SealKeys, sign_seal_key},
+    tls::Identity,
+    tracker::{PeerInfo, SignedSealKey},
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
     directory::Directory,
     event::{Event, Path},
-    links::{self, LinkError, Links, Seen},
-    net,
-    store::Store,
+    links::{self, Links},
+    mail, net,
+    outbox::{self, Outgoing},
+    store::{HistoryEntry, KeyCheck, Pending, Store, StoreError, now_ms},
     tracker_client::{self, Command, EnrollError, Enrolled},
 };
 
@@ -36,29 +39,6 @@ use crate::{
 pub const EVENT_QUEUE: usize = 1024;
 /// Messages of ours awaiting their final state at once; `send` waits beyond.
 pub const MAX_IN_FLIGHT: usize = 4096;
-/// Longest wait for a message's acknowledgement once it was sent.
-pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Links one message is written to, at most, when links break under it.
-pub const SEND_ATTEMPTS: usize = 3;
-
-/// Messages queued for one destination before `send` waits.
-pub const CONVERSATION_QUEUE: usize = 1024;
-/// A conversation with nothing to send for this long stops its task.
-pub const CONVERSATION_IDLE: Duration = Duration::from_secs(60);
-
-/// A message on its way: queued, written to a link, or awaiting its ack.
-struct Outgoing {
-    id: MessageId,
-    body: String,
-    sent_at_ms: u64,
-    queued_at: Instant,
-    /// Links it has been written to so far.
-    attempts: usize,
-    /// Whether the user was told it left this machine.
-    announced: bool,
-    /// Counts toward [`MAX_IN_FLIGHT`] until the message's final state.
-    _in_flight: OwnedSemaphorePermit,
-}
 
 /// How a node is set up.
 #[derive(Debug, Clone)]
@@ -69,10 +49,13 @@ pub struct Config {
     pub tracker: String,
     /// The tracker key to insist on; otherwise the key pinned on first contact.
     pub tracker_key: Option<PeerId>,
-    /// Holds `identity.key` and `peer.db`.
+    /// Holds `identity.key`, `seal.key` and `peer.db`.
     pub data_dir: PathBuf,
     /// Local UDP address of the node's one endpoint.
     pub bind: SocketAddr,
+    /// Seal messages for offline (or unreachable) recipients and leave them
+    /// with the tracker; when false, the classic immediate bounce.
+    pub offline_delivery: bool,
 }
 
 impl Config {
@@ -85,6 +68,7 @@ impl Config {
             tracker_key: None,
             data_dir: data_dir.into(),
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            offline_delivery: true,
         }
     }
 }
@@ -100,7 +84,9 @@ pub enum StartError {
     #[error(transparent)]
     Identity(#[from] tincan_proto::tls::IdentityError),
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Seal(#[from] tincan_proto::seal::SealError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(transparent)]
     Net(#[from] net::NetError),
     #[error(transparent)]
@@ -120,6 +106,8 @@ pub enum SendError {
     ToSelf,
     #[error("the node is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    Storage(#[from] StoreError),
 }
 
 /// One row of `/who`.
@@ -135,21 +123,26 @@ pub struct PeerStatus {
 pub struct Inner {
     pub(crate) config: Config,
     pub(crate) identity: Identity,
+    pub(crate) seal: SealKeys,
+    pub(crate) signed_seal: SignedSealKey,
     pub(crate) endpoint: Endpoint,
     pub(crate) local_addr: SocketAddr,
     pub(crate) links: Links,
     pub(crate) tasks: TaskTracker,
     pub(crate) cancel: CancellationToken,
-    store: Store,
+    pub(crate) store: Store,
     directory: Mutex<Directory>,
-    seen: Mutex<Seen>,
     events: mpsc::Sender<Event>,
-    tracker: mpsc::Sender<Command>,
+    pub(crate) tracker: mpsc::Sender<Command>,
     tracker_pin: Mutex<Option<PeerId>>,
-    in_flight: Arc<Semaphore>,
+    /// Whether the node is enrolled with the tracker right now.
+    pub(crate) tracker_up: watch::Sender<bool>,
+    pub(crate) in_flight: Arc<Semaphore>,
     /// Destination name key → (task generation, its queue).
-    conversations: Mutex<HashMap<String, (u64, mpsc::Sender<Outgoing>)>>,
-    next_generation: AtomicU64,
+    pub(crate) conversations: Mutex<HashMap<String, (u64, mpsc::Sender<Outgoing>)>>,
+    pub(crate) next_generation: AtomicU64,
+    /// Held messages and notices from the tracker, handled in order by one task.
+    pub(crate) mail: mpsc::Sender<mail::Mail>,
 }
 
 impl Inner {
@@ -162,34 +155,63 @@ impl Inner {
         let _ = self.events.send(event).await;
     }
 
-    /// True the first time `id` is seen: the message should be shown.
-    pub(crate) fn seen(&self, id: MessageId) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id)
-    }
-
     pub(crate) fn tracker_pin(&self) -> Option<PeerId> {
         *self.tracker_pin.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether `name` is bound to `key`: by the client list, or else by
-    /// asking the tracker (a newcomer may dial before its join reaches us).
-    pub(crate) async fn authorize(&self, name: &Name, key: PeerId) -> bool {
-        if let Some(info) = self.directory().get(name) {
-            return info.id == key;
+    pub(crate) fn next_generation(&self) -> u64 {
+        self.next_generation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Trust on first use: pins a name's first key, and warns (once per
+    /// sighting) when the tracker announces another. Returns whether `key`
+    /// is the trusted key for `name`.
+    pub(crate) async fn observe_key(&self, name: &Name, key: PeerId) -> bool {
+        if *name == self.config.name && key == self.identity.id() {
+            return true;
         }
-        match self.lookup(name).await {
-            Some(info) if info.id == key => {
-                self.directory().insert(info);
-                true
+        match self.store.check_key(name, key) {
+            Ok(KeyCheck::FirstSeen | KeyCheck::Known) => true,
+            Ok(KeyCheck::Changed { pinned }) => {
+                warn!(%name, pinned = %pinned.short(), announced = %key.short(), "key changed");
+                self.emit(Event::KeyChanged {
+                    name: name.clone(),
+                    pinned,
+                    announced: key,
+                })
+                .await;
+                false
             }
-            _ => false,
+            Err(e) => {
+                warn!(error = %e, "cannot check a key");
+                false
+            }
         }
     }
 
-    async fn lookup(&self, name: &Name) -> Option<PeerInfo> {
+    /// Whether `name` is bound to `key`: by the client list (or else by
+    /// asking the tracker: a newcomer may dial before its join reaches us),
+    /// and by the key this peer pinned for the name.
+    pub(crate) async fn authorize(&self, name: &Name, key: PeerId) -> bool {
+        let listed = self.directory().get(name).map(|i| i.id);
+        let bound = match listed {
+            Some(id) => id == key,
+            None => match self.lookup(name).await {
+                Ok(Some(info)) if info.id == key => {
+                    self.directory().insert(info);
+                    true
+                }
+                _ => false,
+            },
+        };
+        bound && self.observe_key(name, key).await
+    }
+
+    /// Asks the tracker who `name` is; `Err` when the tracker is unavailable.
+    pub(crate) async fn lookup(&self, name: &Name) -> Result<Option<PeerInfo>, ()> {
+        if !*self.tracker_up.borrow() {
+            return Err(());
+        }
         let (reply, rx) = oneshot::channel();
         self.tracker
             .send(Command::Lookup {
@@ -197,11 +219,11 @@ impl Inner {
                 reply,
             })
             .await
-            .ok()?;
+            .map_err(|_| ())?;
         tokio::time::timeout(tracker_client::LOOKUP_TIMEOUT, rx)
             .await
-            .ok()?
-            .ok()?
+            .map_err(|_| ())?
+            .map_err(|_| ())
     }
 
     /// Records a (re-)enrollment: pins the tracker key on first contact,
@@ -213,7 +235,7 @@ impl Inner {
             *pin = Some(enrolled.tracker_id);
             first
         };
-        if first_contact {
+        if first_contact || self.config.tracker_key.is_some() {
             if let Err(e) = self
                 .store
                 .pin_tracker_key(&self.config.tracker, enrolled.tracker_id)
@@ -223,6 +245,9 @@ impl Inner {
             info!(tracker = %self.config.tracker, key = %enrolled.tracker_id.short(), "pinned tracker key");
         }
         let changes = self.directory().replace(enrolled.peers.clone());
+        for peer in &enrolled.peers {
+            self.observe_key(&peer.name, peer.id).await;
+        }
         self.emit(Event::Enrolled {
             name: self.config.name.clone(),
             id: self.identity.id(),
@@ -244,189 +269,7 @@ impl Inner {
             }
             self.emit(Event::Presence { name, id, online }).await;
         }
-    }
-
-    /// Puts a message on its destination's conversation queue, starting
-    /// the conversation task if there is none.
-    async fn enqueue(self: &Arc<Self>, to: &Name, mut msg: Outgoing) -> Result<(), SendError> {
-        // A conversation task may stop (idle) between our lookup and our
-        // send; then the message comes back and a fresh task is started.
-        for _ in 0..3 {
-            let (generation, tx) = {
-                let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
-                let (generation, tx) = map.entry(to.key()).or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(CONVERSATION_QUEUE);
-                    let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-                    self.tasks
-                        .spawn(self.clone().conversation(to.clone(), generation, rx));
-                    (generation, tx)
-                });
-                (*generation, tx.clone())
-            };
-            match tx.send(msg).await {
-                Ok(()) => return Ok(()),
-                Err(mpsc::error::SendError(back)) => {
-                    msg = back;
-                    let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
-                    if map.get(&to.key()).is_some_and(|(g, _)| *g == generation) {
-                        map.remove(&to.key());
-                    }
-                }
-            }
-        }
-        Err(SendError::ShuttingDown)
-    }
-
-    /// One task per destination sends its messages in the order they were
-    /// queued, so a conversation reads in order on the other side.
-    async fn conversation(
-        self: Arc<Self>,
-        to: Name,
-        generation: u64,
-        mut queue: mpsc::Receiver<Outgoing>,
-    ) {
-        loop {
-            let next = tokio::select! {
-                next = tokio::time::timeout(CONVERSATION_IDLE, queue.recv()) => next,
-                () = self.cancel.cancelled() => return,
-            };
-            match next {
-                Ok(Some(msg)) => self.transmit(&to, msg, &mut queue).await,
-                Ok(None) => return,
-                Err(_idle) => {
-                    let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
-                    if map.get(&to.key()).is_some_and(|(g, _)| *g == generation) {
-                        map.remove(&to.key());
-                    }
-                    // Whatever raced in before the close is still sent.
-                    queue.close();
-                }
-            }
-        }
-    }
-
-    /// Writes one message to a direct link and leaves its acknowledgement
-    /// to a waiter, so the next message goes out without waiting.
-    async fn transmit(
-        self: &Arc<Self>,
-        to: &Name,
-        mut msg: Outgoing,
-        queue: &mut mpsc::Receiver<Outgoing>,
-    ) {
-        let Some(info) = self.resolve(to).await else {
-            return self
-                .undeliverable(to, msg.id, format!("{to} is not logged on"))
-                .await;
-        };
-        let link = match self.links.get_or_dial(self, &info).await {
-            Ok(link) => link,
-            Err(e) => {
-                // Everything already queued behind it would meet the same
-                // fate: report it now rather than one dial timeout each.
-                let reason = e.to_string();
-                self.undeliverable(to, msg.id, reason.clone()).await;
-                while let Ok(queued) = queue.try_recv() {
-                    self.undeliverable(to, queued.id, reason.clone()).await;
-                }
-                return;
-            }
-        };
-        msg.attempts += 1;
-        let frame = ToReceiver::Msg {
-            id: msg.id,
-            sent_at_ms: msg.sent_at_ms,
-            body: msg.body.clone(),
-        };
-        let acked = match link.send(self, frame).await {
-            Ok(acked) => acked,
-            Err(e) => {
-                return self
-                    .clone()
-                    .retry_or_fail(to.clone(), msg, e.to_string())
-                    .await;
-            }
-        };
-        if !msg.announced {
-            msg.announced = true;
-            self.emit(Event::Sent {
-                id: msg.id,
-                to: to.clone(),
-                path: link.path(),
-            })
-            .await;
-        }
-        let inner = self.clone();
-        let to = to.clone();
-        self.tasks.spawn(async move {
-            match tokio::time::timeout(ACK_TIMEOUT, acked).await {
-                Ok(Ok(Ok(()))) => {
-                    inner
-                        .emit(Event::Delivered {
-                            id: msg.id,
-                            to,
-                            path: link.path(),
-                            rtt: msg.queued_at.elapsed(),
-                        })
-                        .await;
-                }
-                Ok(Ok(Err(LinkError::Refused(reason)))) => {
-                    inner
-                        .undeliverable(&to, msg.id, format!("refused by {to}: {reason}"))
-                        .await;
-                }
-                Ok(Ok(Err(e))) => inner.retry_or_fail(to, msg, e.to_string()).await,
-                Ok(Err(_)) => inner.retry_or_fail(to, msg, "link dropped".into()).await,
-                Err(_) => {
-                    let reason = format!("no acknowledgement within {ACK_TIMEOUT:?}");
-                    inner.undeliverable(&to, msg.id, reason).await;
-                }
-            }
-        });
-    }
-
-    /// A link broke under a message: send it again (on a fresh link) unless
-    /// it has had all its attempts. The receiver shows each id once.
-    ///
-    /// Boxed: it re-enters `enqueue`, which (through the conversation task)
-    /// leads back here, and a recursive future needs a known size.
-    fn retry_or_fail(
-        self: Arc<Self>,
-        to: Name,
-        msg: Outgoing,
-        error: String,
-    ) -> BoxFuture<'static, ()> {
-        Box::pin(async move {
-            if msg.attempts >= SEND_ATTEMPTS {
-                return self
-                    .undeliverable(&to, msg.id, format!("unreachable: {error}"))
-                    .await;
-            }
-            let id = msg.id;
-            if self.enqueue(&to, msg).await.is_err() {
-                self.undeliverable(&to, id, "the node is shutting down".into())
-                    .await;
-            }
-        })
-    }
-
-    async fn undeliverable(&self, to: &Name, id: MessageId, reason: String) {
-        self.emit(Event::Undeliverable {
-            id,
-            to: to.clone(),
-            reason,
-        })
-        .await;
-    }
-
-    /// The destination's entry if it is logged on: the client list first,
-    /// the tracker if the list does not have it.
-    async fn resolve(&self, to: &Name) -> Option<PeerInfo> {
-        if let Some(info) = self.directory().get(to).cloned() {
-            return Some(info);
-        }
-        let info = self.lookup(to).await?;
-        self.directory().insert(info.clone());
-        Some(info)
+        self.tracker_up.send_replace(true);
     }
 }
 
@@ -437,22 +280,22 @@ pub struct Node {
 }
 
 impl Node {
-    /// Loads the identity, binds the endpoint and enrolls with the tracker
-    /// (bounded wait). Events arrive on the returned channel.
+    /// Loads the identity and database, binds the endpoint and enrolls with
+    /// the tracker (bounded wait), then resumes any unfinished messages.
+    /// Events arrive on the returned channel.
     pub async fn start(config: Config) -> Result<(Self, mpsc::Receiver<Event>), StartError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.display().to_string(),
             source,
         })?;
-        let identity = Identity::load_or_create(&config.data_dir.join("identity.key"))?;
         let store = Store::open(&config.data_dir.join("peer.db"))?;
+        let identity = Identity::load_or_create(&config.data_dir.join("identity.key"))?;
+        let seal = SealKeys::load_or_create(&config.data_dir.join("seal.key"))?;
+        let signed_seal = sign_seal_key(&identity, &seal)?;
         let pin = match config.tracker_key {
             Some(key) => Some(key),
             None => store.tracker_key(&config.tracker)?,
         };
-        if let Some(key) = config.tracker_key {
-            store.pin_tracker_key(&config.tracker, key)?;
-        }
         let endpoint = net::endpoint(&identity, config.bind)?;
         let local_addr = endpoint
             .local_addr()
@@ -462,9 +305,12 @@ impl Node {
             })?;
         let (events, events_rx) = mpsc::channel(EVENT_QUEUE);
         let (tracker, commands) = mpsc::channel(tracker_client::COMMAND_QUEUE);
+        let (mail_tx, mail_rx) = mpsc::channel(mail::MAIL_QUEUE);
         let inner = Arc::new(Inner {
             config,
             identity,
+            seal,
+            signed_seal,
             endpoint,
             local_addr,
             links: Links::default(),
@@ -472,13 +318,14 @@ impl Node {
             cancel: CancellationToken::new(),
             store,
             directory: Mutex::default(),
-            seen: Mutex::new(Seen::new(links::SEEN_CAPACITY)),
             events,
             tracker,
             tracker_pin: Mutex::new(pin),
+            tracker_up: watch::Sender::new(false),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             conversations: Mutex::default(),
             next_generation: AtomicU64::new(0),
+            mail: mail_tx,
         });
 
         let enrolled = match tracker_client::enroll(&inner, pin).await {
@@ -493,6 +340,12 @@ impl Node {
             .tasks
             .spawn(tracker_client::run(inner.clone(), enrolled, commands));
         inner.tasks.spawn(links::accept_loop(inner.clone()));
+        inner.tasks.spawn(mail::run(inner.clone(), mail_rx));
+        let pending = inner.store.outbox()?;
+        if !pending.is_empty() {
+            info!(count = pending.len(), "resuming unfinished messages");
+            inner.tasks.spawn(outbox::resume(inner.clone(), pending));
+        }
         Ok((Self { inner }, events_rx))
     }
 
@@ -508,8 +361,9 @@ impl Node {
         self.inner.local_addr
     }
 
-    /// Accepts a message for `to` and returns its id at once; its fate
-    /// (sent, delivered, undeliverable) arrives as events. Waits only when
+    /// Accepts a message for `to` and returns its id at once: it is in
+    /// `peer.db` (state `queued`) before this returns, and its fate (sent,
+    /// held, delivered, undeliverable) arrives as events. Waits only when
     /// [`MAX_IN_FLIGHT`] messages are already on their way.
     pub async fn send(&self, to: &str, text: &str) -> Result<MessageId, SendError> {
         let to = Name::parse(to)?;
@@ -533,18 +387,9 @@ impl Node {
             .await
             .map_err(|_| SendError::ShuttingDown)?;
         let id = MessageId::random();
-        let msg = Outgoing {
-            id,
-            body: text.to_owned(),
-            sent_at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                .unwrap_or(0),
-            queued_at: Instant::now(),
-            attempts: 0,
-            announced: false,
-            _in_flight: permit,
-        };
+        let sent_at_ms = now_ms();
+        self.inner.store.queue(id, &to, text, sent_at_ms)?;
+        let msg = Outgoing::new(id, to.clone(), text.to_owned(), sent_at_ms, permit);
         self.inner.enqueue(&to, msg).await?;
         Ok(id)
     }
@@ -561,8 +406,26 @@ impl Node {
             .collect()
     }
 
+    /// The last `limit` messages exchanged with `with`, oldest first.
+    pub fn history(&self, with: &str, limit: usize) -> Result<Vec<HistoryEntry>, SendError> {
+        let with = Name::parse(with)?;
+        Ok(self.inner.store.history(&with, limit)?)
+    }
+
+    /// Messages not yet delivered or undeliverable.
+    pub fn outbox(&self) -> Result<Vec<Pending>, StoreError> {
+        self.inner.store.outbox()
+    }
+
+    /// Trusts the new key the tracker announced for `name` (after the user
+    /// checked it); returns it, or `None` if no change was pending.
+    pub fn accept_key(&self, name: &str) -> Result<Option<PeerId>, SendError> {
+        let name = Name::parse(name)?;
+        Ok(self.inner.store.accept_key(&name)?)
+    }
+
     /// Waits (at most `max`) until every message sent so far has reached a
-    /// final state.
+    /// final state or was left with the tracker.
     pub async fn settle(&self, max: Duration) {
         let all = u32::try_from(MAX_IN_FLIGHT).unwrap_or(u32::MAX);
         let _ = tokio::time::timeout(max, self.inner.in_flight.acquire_many(all)).await;
@@ -589,15 +452,20 @@ impl Node {
         self.shutdown().await;
     }
 
-    /// Stops everything without telling the tracker.
+    /// Stops everything without telling the tracker. Unfinished messages
+    /// stay in `peer.db` and are resent at the next start.
     pub async fn shutdown(&self) {
+        const TASKS_GRACE: Duration = Duration::from_secs(2);
+        const CLOSE_GRACE: Duration = Duration::from_secs(1);
+        let started = Instant::now();
         self.inner.cancel.cancel();
         self.inner.links.close_all();
         self.inner
             .endpoint
             .close(tincan_proto::close::NORMAL.into(), b"bye");
         self.inner.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.tasks.wait()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(TASKS_GRACE, self.inner.tasks.wait()).await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.inner.endpoint.wait_idle()).await;
+        tracing::debug!(took = ?started.elapsed(), "stopped");
     }
 }

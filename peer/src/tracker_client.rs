@@ -8,8 +8,10 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 use futures_util::{SinkExt, StreamExt};
 use quinn::{Connection, RecvStream, SendStream};
 use tincan_proto::{
-    ALPN_TRACKER, Codec, Name, PROTOCOL_VERSION, PeerId, close,
-    tracker::{FromTracker, PeerInfo, RejectReason, ToTracker},
+    ALPN_TRACKER, Codec, MessageId, Name, PROTOCOL_VERSION, PeerId, close,
+    tracker::{
+        FromTracker, HoldResult, PeerInfo, PresenceChange, RejectReason, SealKeyEntry, ToTracker,
+    },
 };
 use tokio::{
     sync::{mpsc, oneshot},
@@ -18,7 +20,7 @@ use tokio::{
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn};
 
-use crate::{event::Event, net, node::Inner};
+use crate::{event::Event, mail::Mail, net, node::Inner};
 
 /// Longest wait to reach the tracker and for each enrollment step.
 pub const TRACKER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,12 +80,26 @@ pub struct Enrolled {
     pub peers: Vec<PeerInfo>,
 }
 
-/// Requests to the tracker task.
+/// Requests to the tracker task. While the tracker is away, replies are
+/// dropped (the caller sees its oneshot close) and `Send` frames are lost.
 pub enum Command {
     Lookup {
         name: Name,
         reply: oneshot::Sender<Option<PeerInfo>>,
     },
+    SealKeyOf {
+        name: Name,
+        reply: oneshot::Sender<Option<SealKeyEntry>>,
+    },
+    Hold {
+        to: Name,
+        to_id: PeerId,
+        id: MessageId,
+        sealed: Vec<u8>,
+        reply: oneshot::Sender<HoldResult>,
+    },
+    /// A frame that needs no answer (receipts, notice acknowledgements).
+    Send(ToTracker),
     Logout {
         reply: oneshot::Sender<()>,
     },
@@ -169,6 +185,11 @@ pub async fn enroll(inner: &Inner, pin: Option<PeerId>) -> Result<Enrolled, Enro
             Ok(other) => return Err(unexpected(&conn, other)),
         }
     }
+    // So that others can seal messages for us while we are away.
+    writer
+        .send(ToTracker::PublishSealKey(inner.signed_seal.clone()))
+        .await
+        .map_err(proto_err)?;
     Ok(Enrolled {
         conn,
         reader,
@@ -227,6 +248,7 @@ pub async fn run(inner: Arc<Inner>, first: Enrolled, mut commands: mpsc::Receive
             }
             Ended::Lost(reason) => reason,
         };
+        inner.tracker_up.send_replace(false);
         match reconnect(&inner, reason, &mut commands).await {
             Some(next) => session = next,
             None => return,
@@ -247,17 +269,52 @@ async fn follow(
     commands: &mut mpsc::Receiver<Command>,
 ) -> Ended {
     let mut lookups: HashMap<u32, oneshot::Sender<Option<PeerInfo>>> = HashMap::new();
+    let mut seal_keys: HashMap<u32, oneshot::Sender<Option<SealKeyEntry>>> = HashMap::new();
+    let mut holds: HashMap<MessageId, oneshot::Sender<HoldResult>> = HashMap::new();
     let mut next_req: u32 = 0;
     loop {
         tokio::select! {
             frame = session.reader.next() => match frame {
                 Some(Ok(FromTracker::Presence(change))) => {
+                    if let PresenceChange::Joined(info) = &change {
+                        // The same peer back from another address (it
+                        // restarted): the old link is dead, drop it now
+                        // rather than after its idle timeout.
+                        let moved = inner
+                            .directory()
+                            .get(&info.name)
+                            .is_some_and(|old| old.id == info.id && old.observed != info.observed);
+                        if moved {
+                            inner.links.forget(&info.id);
+                        }
+                        inner.observe_key(&info.name, info.id).await;
+                    }
                     let (name, id, online) = inner.directory().apply(change);
                     if name != inner.config.name {
                         if !online {
                             inner.links.forget(&id);
                         }
                         inner.emit(Event::Presence { name, id, online }).await;
+                    }
+                }
+                Some(Ok(FromTracker::SealKeyReply { req, entry })) => {
+                    if let Some(reply) = seal_keys.remove(&req) {
+                        let _ = reply.send(entry);
+                    }
+                }
+                Some(Ok(FromTracker::HoldReply { id, result })) => {
+                    if let Some(reply) = holds.remove(&id) {
+                        let _ = reply.send(result);
+                    }
+                }
+                Some(Ok(FromTracker::Held(held))) => {
+                    if inner.mail.send(Mail::Held(held)).await.is_err() {
+                        return Ended::Cancelled;
+                    }
+                }
+                Some(Ok(FromTracker::Notice(notice))) => {
+                    if inner.mail.send(Mail::Notice(notice)).await.is_err() {
+                        return Ended::Cancelled;
                     }
                 }
                 Some(Ok(FromTracker::LookupReply { req, peer })) => {
@@ -290,6 +347,32 @@ async fn follow(
                     next_req = next_req.wrapping_add(1);
                     lookups.insert(next_req, reply);
                     if let Err(e) = session.writer.send(ToTracker::Lookup { req: next_req, name }).await {
+                        return Ended::Lost(format!("cannot write to tracker: {e}"));
+                    }
+                }
+                Some(Command::SealKeyOf { name, reply }) => {
+                    seal_keys.retain(|_, r| !r.is_closed());
+                    if seal_keys.len() >= MAX_PENDING_LOOKUPS {
+                        continue;
+                    }
+                    next_req = next_req.wrapping_add(1);
+                    seal_keys.insert(next_req, reply);
+                    if let Err(e) = session.writer.send(ToTracker::SealKeyOf { req: next_req, name }).await {
+                        return Ended::Lost(format!("cannot write to tracker: {e}"));
+                    }
+                }
+                Some(Command::Hold { to, to_id, id, sealed, reply }) => {
+                    holds.retain(|_, r| !r.is_closed());
+                    if holds.len() >= MAX_PENDING_LOOKUPS {
+                        continue;
+                    }
+                    holds.insert(id, reply);
+                    if let Err(e) = session.writer.send(ToTracker::Hold { to, to_id, id, sealed }).await {
+                        return Ended::Lost(format!("cannot write to tracker: {e}"));
+                    }
+                }
+                Some(Command::Send(frame)) => {
+                    if let Err(e) = session.writer.send(frame).await {
                         return Ended::Lost(format!("cannot write to tracker: {e}"));
                     }
                 }
@@ -359,7 +442,8 @@ async fn reconnect(
             tokio::select! {
                 () = &mut sleep => break,
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Lookup { reply, .. }) => { let _ = reply.send(None); }
+                    // Dropping a reply tells the caller the tracker is away.
+                    Some(Command::Lookup { .. } | Command::SealKeyOf { .. } | Command::Hold { .. } | Command::Send(_)) => {}
                     Some(Command::Logout { reply }) => { let _ = reply.send(()); return None; }
                     None => return None,
                 },

@@ -1,0 +1,465 @@
+//! Sending: one conversation task per destination takes messages in the
+//! order they were queued and carries each to a final state.
+//!
+//! The route for each message, decided when it is its turn:
+//! 1. the recipient is online (client list, else a tracker lookup) and its
+//!    key is the pinned one → a direct link (dialed if needed); written
+//!    there it is `sent`, and a waiter turns the acknowledgement into
+//!    `delivered`;
+//! 2. the recipient is not logged on, or no direct path came up, or the
+//!    link broke under it [`SEND_ATTEMPTS`] times → sealed to the
+//!    recipient's published key and left with the tracker (`held`), unless
+//!    offline delivery is off, in which case it is `undeliverable` (the
+//!    classic bounce);
+//! 3. the tracker is needed but away → the message waits in the outbox
+//!    (nothing is lost) and the conversation retries when it is back.
+//!
+//! Every state change is written to `peer.db` before it is announced.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::future::BoxFuture;
+use tincan_proto::{
+    MessageId, Name,
+    peer::ToReceiver,
+    seal::{seal, verify_seal_key},
+    tracker::{HoldResult, SealKeyEntry},
+};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::{
+    delivery::State,
+    event::{Event, Path},
+    links::LinkError,
+    node::{Inner, SendError},
+    store::{Pending, now_ms},
+    tracker_client::{Command, TRACKER_TIMEOUT},
+};
+
+/// Messages queued for one destination before `send` waits.
+pub const CONVERSATION_QUEUE: usize = 1024;
+/// A conversation with nothing to send for this long stops its task.
+pub const CONVERSATION_IDLE: Duration = Duration::from_secs(60);
+/// Longest wait for a message's acknowledgement once it was written to a link.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Direct links one message is written to before it is left with the tracker.
+pub const SEND_ATTEMPTS: usize = 3;
+/// While the tracker is needed but away, how often a waiting message retries.
+pub const TRACKER_RETRY: Duration = Duration::from_secs(5);
+
+/// A message on its way: queued, written to a link, or awaiting its ack.
+pub struct Outgoing {
+    id: MessageId,
+    to: Name,
+    body: String,
+    sent_at_ms: u64,
+    queued_at: Instant,
+    /// Links it has been written to so far.
+    attempts: usize,
+    /// Skip direct attempts: they failed, leave it with the tracker.
+    hold_next: bool,
+    /// Counts toward `MAX_IN_FLIGHT` until the message leaves the outbox's hands.
+    _in_flight: OwnedSemaphorePermit,
+}
+
+impl Outgoing {
+    pub fn new(
+        id: MessageId,
+        to: Name,
+        body: String,
+        sent_at_ms: u64,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        Self {
+            id,
+            to,
+            body,
+            sent_at_ms,
+            queued_at: Instant::now(),
+            attempts: 0,
+            hold_next: false,
+            _in_flight: permit,
+        }
+    }
+}
+
+/// What became of one turn of a message.
+enum Turn {
+    /// Reached a state where this task is done with it.
+    Done,
+    /// Needs the tracker, which is away: try again later.
+    Wait(Outgoing),
+}
+
+/// Requeues the unfinished messages found in `peer.db` at start, in order.
+/// Held ones stay with the tracker: its notice will finish them.
+pub async fn resume(inner: Arc<Inner>, pending: Vec<Pending>) {
+    for p in pending {
+        if p.state == State::Held {
+            continue;
+        }
+        let Ok(permit) = inner.in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let to = p.to.clone();
+        let msg = Outgoing::new(p.id, p.to, p.body, p.sent_at_ms, permit);
+        if inner.enqueue(&to, msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Inner {
+    /// Puts a message on its destination's conversation queue, starting
+    /// the conversation task if there is none.
+    pub(crate) async fn enqueue(
+        self: &Arc<Self>,
+        to: &Name,
+        mut msg: Outgoing,
+    ) -> Result<(), SendError> {
+        // A conversation task may stop (idle) between our lookup and our
+        // send; then the message comes back and a fresh task is started.
+        for _ in 0..3 {
+            let (generation, tx) = {
+                let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
+                let (generation, tx) = map.entry(to.key()).or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(CONVERSATION_QUEUE);
+                    let generation = self.next_generation();
+                    self.tasks
+                        .spawn(self.clone().conversation(to.clone(), generation, rx));
+                    (generation, tx)
+                });
+                (*generation, tx.clone())
+            };
+            match tx.send(msg).await {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(back)) => {
+                    msg = back;
+                    let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
+                    if map.get(&to.key()).is_some_and(|(g, _)| *g == generation) {
+                        map.remove(&to.key());
+                    }
+                }
+            }
+        }
+        Err(SendError::ShuttingDown)
+    }
+
+    /// One task per destination sends its messages in the order they were
+    /// queued, so a conversation reads in order on the other side.
+    async fn conversation(
+        self: Arc<Self>,
+        to: Name,
+        generation: u64,
+        mut queue: mpsc::Receiver<Outgoing>,
+    ) {
+        loop {
+            let next = tokio::select! {
+                next = tokio::time::timeout(CONVERSATION_IDLE, queue.recv()) => next,
+                () = self.cancel.cancelled() => return,
+            };
+            let mut msg = match next {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return,
+                Err(_idle) => {
+                    let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
+                    if map.get(&to.key()).is_some_and(|(g, _)| *g == generation) {
+                        map.remove(&to.key());
+                    }
+                    // Whatever raced in before the close is still sent.
+                    queue.close();
+                    continue;
+                }
+            };
+            // A message that needs the absent tracker holds up the ones
+            // behind it: the conversation stays in order.
+            loop {
+                match self.turn(msg, &mut queue).await {
+                    Turn::Done => break,
+                    Turn::Wait(back) => {
+                        msg = back;
+                        let mut up = self.tracker_up.subscribe();
+                        tokio::select! {
+                            _ = up.wait_for(|up| *up) => {}
+                            () = tokio::time::sleep(TRACKER_RETRY) => {}
+                            () = self.cancel.cancelled() => return,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Routes one message (see the module docs).
+    async fn turn(
+        self: &Arc<Self>,
+        mut msg: Outgoing,
+        queue: &mut mpsc::Receiver<Outgoing>,
+    ) -> Turn {
+        let listed = self.directory().get(&msg.to).cloned();
+        let info = match listed {
+            Some(info) => Some(info),
+            None => match self.lookup(&msg.to).await {
+                Ok(Some(info)) => {
+                    self.directory().insert(info.clone());
+                    Some(info)
+                }
+                Ok(None) => None,
+                Err(()) => return Turn::Wait(msg),
+            },
+        };
+        let Some(info) = info else {
+            let reason = format!("{} is not logged on", msg.to);
+            return self.offline(msg, reason).await;
+        };
+        if !self.observe_key(&info.name, info.id).await {
+            return self.final_state(&msg, key_changed(&info.name)).await;
+        }
+        if msg.hold_next {
+            return self.hold(msg).await;
+        }
+        let link = match self.links.get_or_dial(self, &info).await {
+            Ok(link) => link,
+            Err(e) => {
+                if !self.config.offline_delivery {
+                    // Everything queued behind it would meet the same fate:
+                    // report it now rather than one dial timeout each.
+                    let reason = e.to_string();
+                    while let Ok(queued) = queue.try_recv() {
+                        self.final_state(&queued, State::Undeliverable(reason.clone()))
+                            .await;
+                    }
+                    return self.final_state(&msg, State::Undeliverable(reason)).await;
+                }
+                debug!(error = %e, "no direct path; leaving the message with the tracker");
+                return self.hold(msg).await;
+            }
+        };
+        msg.attempts += 1;
+        let frame = ToReceiver::Msg {
+            id: msg.id,
+            sent_at_ms: msg.sent_at_ms,
+            body: msg.body.clone(),
+        };
+        let acked = match link.send(self, frame).await {
+            Ok(acked) => acked,
+            Err(e) => {
+                self.clone().retry(msg, e.to_string()).await;
+                return Turn::Done;
+            }
+        };
+        self.set_state(&msg, State::Sent(link.path())).await;
+        self.tasks
+            .spawn(self.clone().await_ack(msg, link.path(), acked));
+        Turn::Done
+    }
+
+    /// Waits for the acknowledgement of a message written to a link.
+    async fn await_ack(
+        self: Arc<Self>,
+        msg: Outgoing,
+        path: Path,
+        acked: oneshot::Receiver<Result<(), LinkError>>,
+    ) {
+        match tokio::time::timeout(ACK_TIMEOUT, acked).await {
+            Ok(Ok(Ok(()))) => {
+                self.final_state(&msg, State::Delivered(path)).await;
+            }
+            Ok(Ok(Err(LinkError::Refused(reason)))) => {
+                let reason = format!("refused by {}: {reason}", msg.to);
+                self.final_state(&msg, State::Undeliverable(reason)).await;
+            }
+            Ok(Ok(Err(e))) => self.retry(msg, e.to_string()).await,
+            Ok(Err(_)) => self.retry(msg, "link dropped".into()).await,
+            Err(_) => {
+                self.retry(msg, format!("no acknowledgement within {ACK_TIMEOUT:?}"))
+                    .await
+            }
+        }
+    }
+
+    /// A link broke under a message: send it again on a fresh link, or,
+    /// after [`SEND_ATTEMPTS`], leave it with the tracker. Resending is safe:
+    /// the receiver shows each id once. Boxed because it re-enters
+    /// `enqueue`, which leads back here.
+    fn retry(self: Arc<Self>, mut msg: Outgoing, error: String) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            debug!(%error, attempts = msg.attempts, "resending");
+            if msg.attempts >= SEND_ATTEMPTS {
+                if !self.config.offline_delivery {
+                    let reason = format!("unreachable: {error}");
+                    self.final_state(&msg, State::Undeliverable(reason)).await;
+                    return;
+                }
+                msg.hold_next = true;
+            }
+            if let Ok(true) = self.store.transition(msg.id, &State::Queued) {
+                debug!("requeued");
+            }
+            let to = msg.to.clone();
+            if let Err(e) = self.enqueue(&to, msg).await {
+                warn!(error = %e, "cannot requeue; the message stays in the outbox");
+            }
+        })
+    }
+
+    /// The recipient is not logged on: seal and hold, or bounce.
+    async fn offline(self: &Arc<Self>, msg: Outgoing, reason: String) -> Turn {
+        if self.config.offline_delivery {
+            self.hold(msg).await
+        } else {
+            self.final_state(&msg, State::Undeliverable(reason)).await
+        }
+    }
+
+    /// Seals the message to the recipient's published, verified key and
+    /// leaves it with the tracker.
+    async fn hold(self: &Arc<Self>, msg: Outgoing) -> Turn {
+        if !*self.tracker_up.borrow() {
+            return Turn::Wait(msg);
+        }
+        let entry = match self.seal_key_of(&msg.to).await {
+            Ok(Some(entry)) => entry,
+            Ok(None) => {
+                let reason = format!(
+                    "{} is not logged on and the tracker has no sealing key for that name",
+                    msg.to
+                );
+                return self.final_state(&msg, State::Undeliverable(reason)).await;
+            }
+            Err(()) => return Turn::Wait(msg),
+        };
+        if !self.observe_key(&entry.name, entry.id).await {
+            return self.final_state(&msg, key_changed(&entry.name)).await;
+        }
+        if !verify_seal_key(entry.id, &entry.seal) {
+            let reason = format!("{}'s sealing key is not signed by its key", msg.to);
+            return self.final_state(&msg, State::Undeliverable(reason)).await;
+        }
+        let sealed = match seal(
+            &self.identity,
+            &self.config.name,
+            entry.id,
+            &entry.seal.key,
+            msg.id,
+            msg.sent_at_ms,
+            &msg.body,
+        ) {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                return self
+                    .final_state(&msg, State::Undeliverable(e.to_string()))
+                    .await;
+            }
+        };
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Hold {
+            to: entry.name.clone(),
+            to_id: entry.id,
+            id: msg.id,
+            sealed,
+            reply,
+        };
+        if self.tracker.send(cmd).await.is_err() {
+            return Turn::Wait(msg);
+        }
+        let result = match tokio::time::timeout(TRACKER_TIMEOUT, rx).await {
+            Ok(Ok(result)) => result,
+            _ => return Turn::Wait(msg),
+        };
+        let to = &entry.name;
+        match result {
+            HoldResult::Held { .. } => self.set_state(&msg, State::Held).await,
+            HoldResult::UnknownName | HoldResult::KeyMismatch => {
+                let reason = format!("{to} is not logged on and is not known to the tracker");
+                self.final_state(&msg, State::Undeliverable(reason)).await
+            }
+            HoldResult::MailboxFull => {
+                let reason =
+                    format!("{to} is not logged on and its mailbox on the tracker is full");
+                self.final_state(&msg, State::Undeliverable(reason)).await
+            }
+            HoldResult::TooLarge => {
+                let reason = "too large for the tracker to hold".to_string();
+                self.final_state(&msg, State::Undeliverable(reason)).await
+            }
+            HoldResult::Unavailable => Turn::Wait(msg),
+        }
+    }
+
+    async fn seal_key_of(&self, name: &Name) -> Result<Option<SealKeyEntry>, ()> {
+        let (reply, rx) = oneshot::channel();
+        self.tracker
+            .send(Command::SealKeyOf {
+                name: name.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| ())?;
+        tokio::time::timeout(TRACKER_TIMEOUT, rx)
+            .await
+            .map_err(|_| ())?
+            .map_err(|_| ())
+    }
+
+    /// Records and announces a non-final state.
+    async fn set_state(&self, msg: &Outgoing, state: State) -> Turn {
+        self.record(msg.id, &msg.to, &state, msg.queued_at).await;
+        Turn::Done
+    }
+
+    /// Records and announces a final state.
+    async fn final_state(&self, msg: &Outgoing, state: State) -> Turn {
+        self.record(msg.id, &msg.to, &state, msg.queued_at).await;
+        Turn::Done
+    }
+
+    /// Writes a state change to `peer.db` and, if it was one, tells the user.
+    pub(crate) async fn record(&self, id: MessageId, to: &Name, state: &State, since: Instant) {
+        match self.store.transition(id, state) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                warn!(error = %e, "cannot record a message state");
+                return;
+            }
+        }
+        let to = to.clone();
+        let event = match state {
+            State::Queued => return,
+            State::Sent(path) => Event::Sent {
+                id,
+                to,
+                path: *path,
+            },
+            State::Held => Event::Held { id, to },
+            State::Delivered(path) => Event::Delivered {
+                id,
+                to,
+                path: *path,
+                rtt: since.elapsed(),
+            },
+            State::Undeliverable(reason) => Event::Undeliverable {
+                id,
+                to,
+                reason: reason.clone(),
+            },
+        };
+        self.emit(event).await;
+    }
+}
+
+fn key_changed(name: &Name) -> State {
+    State::Undeliverable(format!(
+        "{name}'s key changed since you first talked; check it with /verify {name}, then /accept {name}"
+    ))
+}
+
+/// Milliseconds from `sent_at_ms` to now, as a duration.
+pub(crate) fn since_ms(sent_at_ms: u64) -> Duration {
+    Duration::from_millis(now_ms().saturating_sub(sent_at_ms))
+}
