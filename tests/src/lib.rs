@@ -199,6 +199,17 @@ impl Proc {
         }
     }
 
+    /// Every line not yet consumed, reading until the process's output ends
+    /// (bounded by `wait`); for a process that was killed.
+    async fn rest(&mut self, wait: Duration) -> Vec<String> {
+        let mut out: Vec<String> = self.backlog.drain(..).collect();
+        let deadline = Instant::now() + wait;
+        while let Ok(Some(line)) = tokio::time::timeout_at(deadline, self.lines.recv()).await {
+            out.push(line);
+        }
+        out
+    }
+
     /// SIGKILL by pid: no logout, no goodbye.
     async fn kill(&mut self) -> Result<()> {
         self.child.start_kill()?;
@@ -230,14 +241,28 @@ impl Tracker {
         Ok(t)
     }
 
+    /// A tracker on a random port with extra arguments (e.g. a short `--held-ttl`).
+    pub async fn start_with(extra: &[&str]) -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().to_path_buf();
+        let mut t = Self::start_full("127.0.0.1:0", &dir, extra).await?;
+        t._tmp = Some(tmp);
+        Ok(t)
+    }
+
     /// A tracker on `listen` with data directory `dir` (for restarts).
     pub async fn start_at(listen: &str, dir: &Path) -> Result<Self> {
-        let args = vec![
+        Self::start_full(listen, dir, &[]).await
+    }
+
+    async fn start_full(listen: &str, dir: &Path, extra: &[&str]) -> Result<Self> {
+        let mut args = vec![
             "--listen".into(),
             listen.into(),
             "--data-dir".into(),
             dir.display().to_string(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut proc = Proc::spawn("tracker", &binary("tracker")?, &args)?;
         let line = proc
             .expect_line("the listening line", WAIT, |l| {
@@ -315,6 +340,12 @@ impl PeerOpts {
 
     pub fn dir(mut self, dir: &Path) -> Self {
         self.dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// An extra command-line argument.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.extra.push(arg.to_string());
         self
     }
 
@@ -481,6 +512,17 @@ impl Peer {
 
     pub async fn kill(&mut self) -> Result<()> {
         self.proc.kill().await
+    }
+
+    /// After the peer died: every JSON line it printed that no expectation
+    /// consumed.
+    pub async fn rest_json(&mut self) -> Vec<Value> {
+        self.proc
+            .rest(WAIT)
+            .await
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Everything the peer wrote to stderr so far.

@@ -1,0 +1,289 @@
+//! Never lose a message: held (sealed) delivery through the tracker for
+//! offline peers, expiry, the outbox surviving restarts, trust on first use,
+//! and a database that cannot be read.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tincan_tests::{Mode, Peer, PeerOpts, Tracker, WAIT};
+
+async fn logged_out(mut peer: Peer) -> Result<()> {
+    let reply = peer.command(json!({"cmd": "logout"})).await?;
+    assert_eq!(reply["ok"], true);
+    assert!(peer.wait_exit(WAIT).await?.success());
+    Ok(())
+}
+
+#[tokio::test]
+async fn messages_to_an_offline_peer_are_held_and_shown_once_when_it_logs_on() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let bob_dir = tempfile::tempdir()?;
+    // bob has been here before (his name and sealing key are known), then left.
+    let bob = PeerOpts::new("bob", &tracker, Mode::Json)
+        .dir(bob_dir.path())
+        .start()
+        .await?;
+    logged_out(bob).await?;
+
+    let alice_dir = tempfile::tempdir()?;
+    let mut alice = PeerOpts::new("alice", &tracker, Mode::Json)
+        .dir(alice_dir.path())
+        .start()
+        .await?;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = alice
+            .send("bob", &format!("while you were out {i}"))
+            .await?;
+        alice
+            .expect_event("held", |v| v["msg_id"] == id.as_str())
+            .await?;
+        ids.push(id);
+    }
+
+    let mut bob = PeerOpts::new("bob", &tracker, Mode::Json)
+        .dir(bob_dir.path())
+        .start()
+        .await?;
+    for (i, id) in ids.iter().enumerate() {
+        let msg = bob
+            .expect_event("message", |v| v["msg_id"] == id.as_str())
+            .await?;
+        assert_eq!(msg["text"], format!("while you were out {i}"));
+        assert_eq!(msg["from"], "alice");
+        assert_eq!(msg["path"], "held");
+        let delivered = alice
+            .expect_event("delivered", |v| v["msg_id"] == id.as_str())
+            .await?;
+        assert_eq!(delivered["path"], "held");
+    }
+    // Shown once: a restart of bob does not show them again.
+    logged_out(bob).await?;
+    let mut bob = PeerOpts::new("bob", &tracker, Mode::Json)
+        .dir(bob_dir.path())
+        .start()
+        .await?;
+    let again = bob
+        .expect_event_within("message", Duration::from_secs(2), |_| true)
+        .await;
+    assert!(again.is_err(), "a held message was shown twice: {again:?}");
+
+    // The receipt waits for a sender who has gone offline too.
+    logged_out(bob).await?;
+    let late = alice.send("bob", "see you later").await?;
+    alice
+        .expect_event("held", |v| v["msg_id"] == late.as_str())
+        .await?;
+    logged_out(alice).await?;
+    let mut bob = PeerOpts::new("bob", &tracker, Mode::Json)
+        .dir(bob_dir.path())
+        .start()
+        .await?;
+    bob.expect_event("message", |v| v["msg_id"] == late.as_str())
+        .await?;
+    let mut alice = PeerOpts::new("alice", &tracker, Mode::Json)
+        .dir(alice_dir.path())
+        .start()
+        .await?;
+    let delivered = alice
+        .expect_event("delivered", |v| v["msg_id"] == late.as_str())
+        .await?;
+    assert_eq!(delivered["path"], "held");
+    let outbox = alice.command(json!({"cmd": "outbox"})).await?;
+    assert_eq!(outbox["pending"], 0, "{outbox}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_held_message_that_expires_becomes_undeliverable_for_the_sender() -> Result<()> {
+    let tracker = Tracker::start_with(&["--held-ttl", "2s"]).await?;
+    let bob_dir = tempfile::tempdir()?;
+    let bob = PeerOpts::new("bob", &tracker, Mode::Json)
+        .dir(bob_dir.path())
+        .start()
+        .await?;
+    logged_out(bob).await?;
+
+    let mut alice = Peer::start_json("alice", &tracker).await?;
+    let id = alice.send("bob", "too late").await?;
+    alice
+        .expect_event("held", |v| v["msg_id"] == id.as_str())
+        .await?;
+    let gone = alice
+        .expect_event("undeliverable", |v| v["msg_id"] == id.as_str())
+        .await?;
+    assert!(
+        gone["reason"].as_str().unwrap_or("").contains("expired"),
+        "{gone}"
+    );
+
+    let mut bob = PeerOpts::new("bob", &tracker, Mode::Json)
+        .dir(bob_dir.path())
+        .start()
+        .await?;
+    let shown = bob
+        .expect_event_within("message", Duration::from_secs(2), |_| true)
+        .await;
+    assert!(
+        shown.is_err(),
+        "an expired message was delivered: {shown:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_no_offline_a_message_to_an_absent_peer_bounces_at_once() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let bob = Peer::start_json("bob", &tracker).await?;
+    logged_out(bob).await?;
+    let mut alice = PeerOpts::new("alice", &tracker, Mode::Json)
+        .arg("--no-offline")
+        .start()
+        .await?;
+    let id = alice.send("bob", "anyone?").await?;
+    let bounce = alice
+        .expect_event("undeliverable", |v| v["msg_id"] == id.as_str())
+        .await?;
+    assert!(
+        bounce["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not logged on"),
+        "{bounce}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn unsent_messages_survive_a_sender_crash_and_are_sent_after_restart() -> Result<()> {
+    let mut tracker = Tracker::start().await?;
+    let alice_dir = tempfile::tempdir()?;
+    let mut alice = PeerOpts::new("alice", &tracker, Mode::Json)
+        .dir(alice_dir.path())
+        .start()
+        .await?;
+    // With the tracker gone, a message to someone alice has never seen can
+    // go nowhere yet: it must wait in the outbox, not fail, not vanish.
+    tracker.kill().await?;
+    let id = alice.send("carol", "wait for me").await?;
+    let outbox = alice.command(json!({"cmd": "outbox"})).await?;
+    assert_eq!(outbox["pending"], 1, "{outbox}");
+    alice.kill().await?;
+
+    let tracker = tracker.restart().await?;
+    let mut carol = Peer::start_json("carol", &tracker).await?;
+    let mut alice = PeerOpts::new("alice", &tracker, Mode::Json)
+        .dir(alice_dir.path())
+        .start()
+        .await?;
+    let msg = carol
+        .expect_event("message", |v| v["msg_id"] == id.as_str())
+        .await?;
+    assert_eq!(msg["text"], "wait for me");
+    alice
+        .expect_event("delivered", |v| v["msg_id"] == id.as_str())
+        .await?;
+    let history = alice
+        .command(json!({"cmd": "history", "with": "carol", "limit": 5}))
+        .await?;
+    let messages = history["messages"].as_array().context("messages")?;
+    assert_eq!(messages.len(), 1, "{history}");
+    assert_eq!(messages[0]["state"], "delivered");
+    Ok(())
+}
+
+#[tokio::test]
+async fn history_shows_both_directions_in_text_and_json() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let mut bob = Peer::start_text("bob", &tracker).await?;
+    let mut alice = Peer::start_json("alice", &tracker).await?;
+    let id = alice.send("bob", "first").await?;
+    alice
+        .expect_event("delivered", |v| v["msg_id"] == id.as_str())
+        .await?;
+    bob.type_line("/msg alice second").await?;
+    alice
+        .expect_event("message", |v| v["text"] == "second")
+        .await?;
+    let h = alice
+        .command(json!({"cmd": "history", "with": "bob"}))
+        .await?;
+    let texts: Vec<&str> = h["messages"]
+        .as_array()
+        .context("messages")?
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["first", "second"]);
+    bob.type_line("/history alice").await?;
+    bob.expect_line("the history line", |l| l.contains("alice: first"))
+        .await?;
+    bob.expect_line("the history line", |l| {
+        l.contains("bob: second") && l.contains("delivered")
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_changed_key_is_refused_until_the_user_accepts_it() -> Result<()> {
+    // No retention: a new key may take a name as soon as its owner leaves.
+    let tracker = Tracker::start_with(&["--name-retention", "0s"]).await?;
+    let mut alice = Peer::start_json("alice", &tracker).await?;
+    let bob = Peer::start_json("bob", &tracker).await?;
+    alice
+        .expect_event("presence", |v| v["name"] == "bob" && v["online"] == true)
+        .await?;
+    logged_out(bob).await?;
+
+    // Someone else (a new key) is "bob" now.
+    let mut new_bob = Peer::start_json("bob", &tracker).await?;
+    let changed = alice
+        .expect_event("key_changed", |v| v["name"] == "bob")
+        .await?;
+    assert_ne!(changed["pinned"], changed["announced"]);
+    let id = alice.send("bob", "is that you?").await?;
+    let refused = alice
+        .expect_event("undeliverable", |v| v["msg_id"] == id.as_str())
+        .await?;
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("key changed"),
+        "{refused}"
+    );
+
+    let accepted = alice
+        .command(json!({"cmd": "accept_key", "name": "bob"}))
+        .await?;
+    assert_eq!(accepted["ok"], true, "{accepted}");
+    assert_eq!(accepted["peer_id"], changed["announced"]);
+    let id = alice.send("bob", "welcome, new bob").await?;
+    alice
+        .expect_event("delivered", |v| v["msg_id"] == id.as_str())
+        .await?;
+    new_bob
+        .expect_event("message", |v| v["msg_id"] == id.as_str())
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreadable_database_is_a_clear_error_and_is_left_untouched() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("peer.db");
+    let garbage = vec![0x5au8; 8192];
+    std::fs::write(&db, &garbage)?;
+    let mut peer = PeerOpts::new("alice", &tracker, Mode::Text)
+        .dir(dir.path())
+        .spawn()?;
+    let status = peer.wait_exit(WAIT).await?;
+    assert!(!status.success());
+    let stderr = peer.stderr();
+    assert!(stderr.contains("peer.db"), "{stderr}");
+    assert_eq!(std::fs::read(&db)?, garbage, "the database was modified");
+    Ok(())
+}
