@@ -10,14 +10,24 @@ use quinn::{Connection, ConnectionError, Endpoint, crypto::rustls::QuicClientCon
 use tincan_proto::{
     ALPN_PEER, ALPN_TRACKER, Codec, MessageId, Name, PeerId, close,
     peer::{Refusal, ToReceiver, ToSender},
+    seal::{seal, verify_receipt, verify_seal_key},
     tls::{Identity, SERVER_NAME, client_config},
+    tracker::{FromTracker, HoldResult, NoticeKind, ToTracker},
 };
-use tincan_tests::{Peer, Tracker, WAIT};
+use tincan_tests::{Mode, Peer, PeerOpts, Tracker, WAIT};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 async fn connect(addr: &str, alpn: &[u8], expected: Option<PeerId>) -> Result<Connection> {
-    let identity = Identity::generate()?;
-    let tls = client_config(&identity, alpn, expected)?;
+    connect_as(&Identity::generate()?, addr, alpn, expected).await
+}
+
+async fn connect_as(
+    identity: &Identity,
+    addr: &str,
+    alpn: &[u8],
+    expected: Option<PeerId>,
+) -> Result<Connection> {
+    let tls = client_config(identity, alpn, expected)?;
     let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     let mut endpoint = Endpoint::client("127.0.0.1:0".parse()?)?;
     endpoint.set_default_client_config(config);
@@ -173,5 +183,193 @@ async fn peer_closes_a_connection_that_sends_garbage_and_keeps_serving() -> Resu
             v["msg_id"] == id.as_str()
         })
         .await?;
+    Ok(())
+}
+
+type TrackerReader = FramedRead<quinn::RecvStream, Codec<FromTracker, ()>>;
+type TrackerWriter = FramedWrite<quinn::SendStream, Codec<(), ToTracker>>;
+
+/// Enrolls a hand-driven client with the real tracker protocol.
+async fn enroll_raw(
+    identity: &Identity,
+    addr: &str,
+    name: &str,
+) -> Result<(Connection, TrackerReader, TrackerWriter)> {
+    let conn = connect_as(identity, addr, ALPN_TRACKER, None).await?;
+    let (send, recv) = conn.open_bi().await?;
+    let mut reader: TrackerReader = FramedRead::new(recv, Codec::default());
+    let mut writer: TrackerWriter = FramedWrite::new(send, Codec::default());
+    writer
+        .send(ToTracker::Hello {
+            name: Name::parse(name)?,
+            version: tincan_proto::PROTOCOL_VERSION,
+            local_addrs: vec![],
+        })
+        .await?;
+    let welcome = next_frame(&mut reader).await?;
+    assert!(
+        matches!(welcome, FromTracker::Welcome { .. }),
+        "{welcome:?}"
+    );
+    writer.send(ToTracker::Thanks).await?;
+    loop {
+        if let FromTracker::ClientList { last: true, .. } = next_frame(&mut reader).await? {
+            break;
+        }
+    }
+    Ok((conn, reader, writer))
+}
+
+async fn next_frame(reader: &mut TrackerReader) -> Result<FromTracker> {
+    Ok(tokio::time::timeout(WAIT, reader.next())
+        .await
+        .context("no frame from the tracker in time")?
+        .context("tracker stream ended")??)
+}
+
+/// Reads frames until one matches `pred` (skipping presence and the like).
+async fn frame_where(
+    reader: &mut TrackerReader,
+    what: &str,
+    mut pred: impl FnMut(&FromTracker) -> bool,
+) -> Result<FromTracker> {
+    for _ in 0..1000 {
+        let frame = next_frame(reader)
+            .await
+            .with_context(|| format!("waiting for {what}"))?;
+        if pred(&frame) {
+            return Ok(frame);
+        }
+    }
+    bail!("no {what} within 1000 frames")
+}
+
+#[tokio::test]
+async fn tampered_or_forged_held_messages_are_refused_and_never_shown() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let bob_dir = tempfile::tempdir()?;
+    let mut bob = PeerOpts::new("bob", &tracker, Mode::Json)
+        .dir(bob_dir.path())
+        .start()
+        .await?;
+    bob.command(serde_json::json!({"cmd": "logout"})).await?;
+    bob.wait_exit(WAIT).await?;
+
+    // mallory speaks the tracker protocol by hand.
+    let mallory = Identity::generate()?;
+    let (_conn, mut reader, mut writer) = enroll_raw(&mallory, &tracker.addr, "mallory").await?;
+    writer
+        .send(ToTracker::SealKeyOf {
+            req: 1,
+            name: Name::parse("bob")?,
+        })
+        .await?;
+    let FromTracker::SealKeyReply {
+        entry: Some(entry), ..
+    } = frame_where(&mut reader, "bob's sealing key", |f| {
+        matches!(f, FromTracker::SealKeyReply { .. })
+    })
+    .await?
+    else {
+        bail!("the tracker has no sealing key for bob");
+    };
+    assert!(verify_seal_key(entry.id, &entry.seal));
+    let bob_id = entry.id;
+    let me = Name::parse("mallory")?;
+    let sealed = |from: &Name, id: MessageId, body: &str| {
+        seal(&mallory, from, bob_id, &entry.seal.key, id, 1, body)
+    };
+
+    let garbage = MessageId::random();
+    let flipped = MessageId::random();
+    let claims_alice = MessageId::random();
+    let honest = MessageId::random();
+    let mut tampered = sealed(&me, flipped, "tampered in transit")?;
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x01;
+    let holds = [
+        (garbage, vec![0x42u8; 200]),
+        (flipped, tampered),
+        (
+            claims_alice,
+            sealed(&Name::parse("alice")?, claims_alice, "it's alice, honest")?,
+        ),
+        (honest, sealed(&me, honest, "an honest note")?),
+    ];
+    for (id, sealed) in holds {
+        writer
+            .send(ToTracker::Hold {
+                to: Name::parse("bob")?,
+                to_id: bob_id,
+                id,
+                sealed,
+            })
+            .await?;
+        let reply = frame_where(
+            &mut reader,
+            "the hold reply",
+            |f| matches!(f, FromTracker::HoldReply { id: i, .. } if *i == id),
+        )
+        .await?;
+        assert!(
+            matches!(
+                reply,
+                FromTracker::HoldReply {
+                    result: HoldResult::Held { .. },
+                    ..
+                }
+            ),
+            "{reply:?}"
+        );
+    }
+
+    let mut bob = PeerOpts::new("bob", &tracker, Mode::Json)
+        .dir(bob_dir.path())
+        .start()
+        .await?;
+    let shown = bob.expect_event("message", |_| true).await?;
+    assert_eq!(
+        shown["msg_id"],
+        honest.to_string(),
+        "only the honest note is shown"
+    );
+    assert_eq!(shown["text"], "an honest note");
+    for _ in 0..3 {
+        bob.expect_event("warning", |v| {
+            v["message"].as_str().unwrap_or("").contains("was refused")
+        })
+        .await?;
+    }
+
+    // mallory hears: three rejected, one delivered with bob's valid receipt.
+    let mut rejected = Vec::new();
+    let mut receipt_ok = false;
+    while rejected.len() < 3 || !receipt_ok {
+        let FromTracker::Notice(notice) = frame_where(&mut reader, "a notice", |f| {
+            matches!(f, FromTracker::Notice(_))
+        })
+        .await?
+        else {
+            continue;
+        };
+        match notice.kind {
+            NoticeKind::Rejected => rejected.push(notice.id),
+            NoticeKind::Delivered { by, receipt } => {
+                assert_eq!(notice.id, honest);
+                assert_eq!(by, bob_id);
+                assert!(verify_receipt(bob_id, mallory.id(), honest, &receipt));
+                receipt_ok = true;
+            }
+            NoticeKind::Expired => bail!("unexpected expiry"),
+        }
+    }
+    rejected.sort();
+    let mut want = vec![garbage, flipped, claims_alice];
+    want.sort();
+    assert_eq!(rejected, want);
+    let extra = bob
+        .expect_event_within("message", Duration::from_millis(500), |_| true)
+        .await;
+    assert!(extra.is_err(), "a refused message was shown: {extra:?}");
     Ok(())
 }
