@@ -34,21 +34,39 @@ impl Path {
     }
 }
 
-/// Handed out with every incoming message: the front end drops it (or calls
-/// [`Shown::done`]) once the message is on the user's screen. Only then does
-/// the node record the message as shown and acknowledge it, so a crash
-/// between receiving and showing makes the sender resend instead of losing it.
-pub struct Shown(Option<tokio::sync::oneshot::Sender<()>>);
+/// Handed out with every incoming message: the front end calls
+/// [`Shown::done`] (or drops it) right after the message is on the user's
+/// screen. That records it as shown, synchronously, on the caller's thread
+/// (so the window in which a crash could show it twice is one SQLite
+/// update), and only then is it acknowledged: a crash before showing makes
+/// the sender resend instead of the message being lost.
+pub struct Shown {
+    record: Option<Box<dyn FnOnce() + Send>>,
+    ack: Option<tokio::sync::oneshot::Sender<()>>,
+}
 
 impl Shown {
-    pub(crate) fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
+    pub(crate) fn new(
+        record: impl FnOnce() + Send + 'static,
+    ) -> (Self, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        (Self(Some(tx)), rx)
+        let shown = Self {
+            record: Some(Box::new(record)),
+            ack: Some(tx),
+        };
+        (shown, rx)
     }
 
     /// The message is on screen.
     pub fn done(mut self) {
-        if let Some(tx) = self.0.take() {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if let Some(record) = self.record.take() {
+            record();
+        }
+        if let Some(tx) = self.ack.take() {
             let _ = tx.send(());
         }
     }
@@ -56,9 +74,7 @@ impl Shown {
 
 impl Drop for Shown {
     fn drop(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
-        }
+        self.finish();
     }
 }
 

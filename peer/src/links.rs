@@ -495,7 +495,12 @@ async fn serve_stream(
                     .receive(link.0.peer, &from, id, &body, sent_at_ms, path.as_str())
                 {
                     Ok(Incoming::New | Incoming::NotShown) => {
-                        let (shown, on_screen) = Shown::new();
+                        let (recorder, peer) = (inner.clone(), link.0.peer);
+                        let (shown, on_screen) = Shown::new(move || {
+                            if let Err(e) = recorder.store.mark_shown(peer, id) {
+                                warn!(error = %e, "cannot record a shown message");
+                            }
+                        });
                         inner
                             .emit(Event::Message {
                                 from: from.clone(),
@@ -507,9 +512,6 @@ async fn serve_stream(
                             })
                             .await;
                         let _ = on_screen.await;
-                        if let Err(e) = inner.store.mark_shown(link.0.peer, id) {
-                            warn!(error = %e, "cannot record a shown message");
-                        }
                     }
                     Ok(Incoming::Shown) => {}
                     Err(e) => {

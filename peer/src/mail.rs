@@ -51,7 +51,7 @@ async fn tell_tracker(inner: &Inner, frame: ToTracker) {
     let _ = inner.tracker.send(Command::Send(frame)).await;
 }
 
-async fn receive_held(inner: &Inner, held: HeldMessage) {
+async fn receive_held(inner: &Arc<Inner>, held: HeldMessage) {
     let (from, id, from_id) = (held.from.clone(), held.id, held.from_id);
     let reject = |why: String| async move {
         inner
@@ -84,7 +84,12 @@ async fn receive_held(inner: &Inner, held: HeldMessage) {
     );
     match incoming {
         Ok(Incoming::New | Incoming::NotShown) => {
-            let (shown, on_screen) = Shown::new();
+            let (recorder, from_id, id) = (inner.clone(), letter.from_id, letter.id);
+            let (shown, on_screen) = Shown::new(move || {
+                if let Err(e) = recorder.store.mark_shown(from_id, id) {
+                    warn!(error = %e, "cannot record a shown message");
+                }
+            });
             inner
                 .emit(Event::Message {
                     from: letter.from.clone(),
@@ -96,9 +101,6 @@ async fn receive_held(inner: &Inner, held: HeldMessage) {
                 })
                 .await;
             let _ = on_screen.await;
-            if let Err(e) = inner.store.mark_shown(letter.from_id, letter.id) {
-                warn!(error = %e, "cannot record a shown message");
-            }
         }
         Ok(Incoming::Shown) => {}
         Err(e) => {

@@ -152,6 +152,17 @@ impl Proc {
         if let Some(pos) = self.backlog.iter().position(|l| pred(l)) {
             return Ok(self.backlog.remove(pos).unwrap_or_default());
         }
+        self.expect_new_line(what, wait, pred).await
+    }
+
+    /// Like `expect_line`, but only looks at lines not read yet (for the
+    /// reply to a command just written, which cannot be in the backlog).
+    async fn expect_new_line(
+        &mut self,
+        what: &str,
+        wait: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Result<String> {
         let deadline = Instant::now() + wait;
         loop {
             match tokio::time::timeout_at(deadline, self.lines.recv()).await {
@@ -425,10 +436,16 @@ impl Peer {
         let id = self.next_id;
         cmd["id"] = Value::from(id);
         self.proc.write_line(&cmd.to_string()).await?;
-        self.expect_json(&format!("the reply to {cmd}"), WAIT, |v| {
-            v.get("id") == Some(&Value::from(id))
-        })
-        .await
+        let id_field = format!("\"id\":{id}");
+        let line = self
+            .proc
+            .expect_new_line(&format!("the reply to {cmd}"), WAIT, |line| {
+                line.contains(&id_field)
+                    && serde_json::from_str::<Value>(line)
+                        .is_ok_and(|v| v.get("id") == Some(&Value::from(id)))
+            })
+            .await?;
+        Ok(serde_json::from_str(&line)?)
     }
 
     /// Sends a message in JSON mode; returns its msg_id.
