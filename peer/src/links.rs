@@ -538,8 +538,3 @@ async fn serve_stream(
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-}
