@@ -205,4 +205,6 @@ pub enum RejectReason {
     TrackerFull,
     #[error("the enrollment did not follow the protocol")]
     ProtocolViolation,
+    #[error("the tracker cannot record enrollments right now; try again later")]
+    Unavailable,
 }

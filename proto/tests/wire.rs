@@ -113,6 +113,7 @@ fn arb_reject_reason() -> impl Strategy<Value = RejectReason> {
         RejectReason::UnsupportedVersion,
         RejectReason::TrackerFull,
         RejectReason::ProtocolViolation,
+        RejectReason::Unavailable,
     ])
 }
 
@@ -552,6 +553,13 @@ fn from_tracker_goldens() -> Vec<Golden<FromTracker>> {
                 reason: RejectReason::ProtocolViolation,
             },
             "01 05",
+        ),
+        (
+            "Reject(Unavailable)",
+            FromTracker::Reject {
+                reason: RejectReason::Unavailable,
+            },
+            "01 06",
         ),
         (
             "ClientList(page)",
@@ -1111,7 +1119,7 @@ fn unknown_variant_indices_and_invalid_tags_are_rejected() {
     bad::<ToTracker>("05 ffffffffff01 01 61"); // SealKeyOf.req overflows u32
     bad::<FromTracker>("0b"); // one past Notice
     bad::<FromTracker>("00 02 cb007107 c0b802 e807"); // SocketAddr tag 2
-    bad::<FromTracker>("01 06"); // RejectReason one past ProtocolViolation
+    bad::<FromTracker>("01 07"); // RejectReason one past Unavailable
     bad::<FromTracker>("02 00 02"); // ClientList.last is neither 0 nor 1
     bad::<FromTracker>("03 02"); // PresenceChange one past Left
     bad::<FromTracker>("04 07 02"); // Option tag 2

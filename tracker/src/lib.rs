@@ -42,10 +42,8 @@ pub const DEFAULT_MAX_PEERS: usize = 100_000;
 /// Connections still in their handshake or enrollment, beyond `max_peers`.
 pub const MAX_ENROLLING: usize = 1_024;
 /// A connection with no packets for this long is dropped (peers send
-/// keep-alives at [`KEEP_ALIVE`], so only a vanished peer goes this quiet).
+/// keep-alives every 3 s, so only a vanished peer goes this quiet).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often peers ping to keep the tracker connection (and NAT mapping) alive.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(3);
 /// Streams a peer may have open to the tracker at once.
 pub const MAX_STREAMS_PER_PEER: u32 = 4;
 

@@ -186,13 +186,10 @@ impl Session {
         if let Err(reason) = self.shared.registry.check(&name, self.id) {
             return self.reject(&mut writer, reason).await;
         }
-        match self.shared.names.bind(&name, self.id, now_secs()) {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return self.reject(&mut writer, RejectReason::NameBound).await,
-            Err(e) => {
-                warn!(error = %e, "name store failed");
-                return self.reject(&mut writer, RejectReason::TrackerFull).await;
-            }
+        // Checked now, bound only once the peer has said thanks, so a
+        // peer that never finishes enrolling does not keep the name.
+        if let Err(reason) = self.bind_check(&name, false) {
+            return self.reject(&mut writer, reason).await;
         }
 
         // 3. welcome, with the address the peer's packets come from
@@ -212,6 +209,10 @@ impl Session {
             Some(Ok(_)) => return Err(End::Protocol("expected Thanks")),
             Some(Err(e)) => return Err(e.into()),
             None => return Err(End::Eof),
+        }
+
+        if let Err(reason) = self.bind_check(&name, true) {
+            return self.reject(&mut writer, reason).await;
         }
 
         // 5. onto the list (and everyone else hears of it)
@@ -424,6 +425,24 @@ impl Session {
             }
             Ok(None) => {}
             Err(e) => warn!(error = %e, "mailbox storage failed"),
+        }
+    }
+
+    /// The name store's verdict on this key taking `name` (binding it if `bind`).
+    fn bind_check(&self, name: &Name, bind: bool) -> Result<(), RejectReason> {
+        let names = &self.shared.names;
+        let verdict = if bind {
+            names.bind(name, self.id, now_secs())
+        } else {
+            names.check(name, self.id, now_secs())
+        };
+        match verdict {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(RejectReason::NameBound),
+            Err(e) => {
+                warn!(error = %e, "name store failed");
+                Err(RejectReason::Unavailable)
+            }
         }
     }
 

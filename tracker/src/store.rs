@@ -46,6 +46,9 @@ pub trait NameStore: Send + Sync + 'static {
     /// Binds `name` to `id` at time `now` (seconds since the epoch), unless
     /// another key used it within the retention window.
     fn bind(&self, name: &Name, id: PeerId, now: u64) -> Result<Result<(), BindError>, StoreError>;
+    /// Whether `bind` would succeed, without binding.
+    fn check(&self, name: &Name, id: PeerId, now: u64)
+    -> Result<Result<(), BindError>, StoreError>;
     /// Records that `id` was last seen with `name` at `now`.
     fn touch(&self, name: &Name, id: PeerId, now: u64) -> Result<(), StoreError>;
     /// The key `name` is bound to (online or not), with the name's
@@ -108,16 +111,13 @@ impl SqliteNames {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding this lock cannot leave the connection in a
-        // half-written state (SQLite statements are atomic), so keep going.
-        self.db.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl NameStore for SqliteNames {
-    fn bind(&self, name: &Name, id: PeerId, now: u64) -> Result<Result<(), BindError>, StoreError> {
-        let db = self.lock();
+    fn check_locked(
+        &self,
+        db: &Connection,
+        name: &Name,
+        id: PeerId,
+        now: u64,
+    ) -> Result<Result<(), BindError>, StoreError> {
         let existing: Option<(Vec<u8>, i64)> = db
             .query_row(
                 "SELECT peer_id, last_seen FROM bindings WHERE name_key = ?1",
@@ -131,6 +131,31 @@ impl NameStore for SqliteNames {
             && now.saturating_sub(u64::try_from(last_seen).unwrap_or(0)) < self.retention.as_secs()
         {
             return Ok(Err(BindError::BoundToOtherKey));
+        }
+        Ok(Ok(()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding this lock cannot leave the connection in a
+        // half-written state (SQLite statements are atomic), so keep going.
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl NameStore for SqliteNames {
+    fn check(
+        &self,
+        name: &Name,
+        id: PeerId,
+        now: u64,
+    ) -> Result<Result<(), BindError>, StoreError> {
+        self.check_locked(&self.lock(), name, id, now)
+    }
+
+    fn bind(&self, name: &Name, id: PeerId, now: u64) -> Result<Result<(), BindError>, StoreError> {
+        let db = self.lock();
+        if let Err(e) = self.check_locked(&db, name, id, now)? {
+            return Ok(Err(e));
         }
         db.execute(
             "INSERT INTO bindings (name_key, name, peer_id, last_seen) VALUES (?1, ?2, ?3, ?4)
