@@ -133,3 +133,54 @@ async fn malformed_json_gets_an_error_line_and_the_peer_keeps_going() -> Result<
     assert_eq!(who["ok"], true);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_tracker_whose_key_changed_is_refused_loudly() -> Result<()> {
+    let mut tracker = Tracker::start().await?;
+    let dir = tempfile::tempdir()?;
+    let mut alice = PeerOpts::new("alice", &tracker, Mode::Json)
+        .dir(dir.path())
+        .start()
+        .await?;
+    alice.command(json!({"cmd": "logout"})).await?;
+    alice.wait_exit(WAIT).await?;
+    // Same address, new identity (a fresh data directory).
+    let addr = tracker.addr.clone();
+    tracker.kill().await?;
+    let other_dir = tempfile::tempdir()?;
+    let impostor = Tracker::start_at(&addr, other_dir.path()).await?;
+    let mut alice = PeerOpts::new("alice", &impostor, Mode::Text)
+        .dir(dir.path())
+        .spawn()?;
+    let status = alice.wait_exit(WAIT).await?;
+    assert!(!status.success());
+    let stderr = alice.stderr();
+    assert!(stderr.contains("TRACKER KEY CHANGED"), "{stderr}");
+    assert!(
+        stderr.contains(&impostor.key),
+        "the new key is shown in full: {stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_tracker_key_given_on_the_command_line_is_insisted_on() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let wrong = "ab".repeat(32);
+    let mut refused = PeerOpts::new("alice", &tracker, Mode::Text)
+        .arg("--tracker-key")
+        .arg(&wrong)
+        .spawn()?;
+    assert!(!refused.wait_exit(WAIT).await?.success());
+    assert!(
+        refused.stderr().contains("TRACKER KEY CHANGED"),
+        "{}",
+        refused.stderr()
+    );
+    let _ok = PeerOpts::new("alice", &tracker, Mode::Json)
+        .arg("--tracker-key")
+        .arg(&tracker.key)
+        .start()
+        .await?;
+    Ok(())
+}
