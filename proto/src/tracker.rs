@@ -70,6 +70,16 @@ pub enum ToTracker {
     HeldRejected { id: MessageId, from_id: PeerId },
     /// The sender has recorded a notice; the tracker may forget it.
     NoticeSeen { id: MessageId },
+    /// First frame of a NEW stream (not the control stream): asks the
+    /// tracker to splice this stream to one it opens to `to`. Answered on
+    /// the same stream by `CircuitReady` (after which the stream carries
+    /// TLS between the two peers, opaque to the tracker) or `CircuitRefused`.
+    Circuit { to: Name },
+    /// On a stream the tracker opened with `CircuitOffer`: the peer takes it.
+    CircuitAccept,
+    /// Asks the tracker to coordinate a simultaneous dial (hole punch) with
+    /// `to`; both sides then receive `Punch`.
+    Connect { to: Name },
 }
 
 /// Frames the tracker sends to a peer.
@@ -107,6 +117,33 @@ pub enum FromTracker {
     Held(HeldMessage),
     /// What became of a message this peer handed to the tracker.
     Notice(Notice),
+    /// First frame of a stream the tracker opened: `from` wants a relay
+    /// circuit. Answer `CircuitAccept`, then act as the TLS server.
+    CircuitOffer { from: Name, from_id: PeerId },
+    /// The circuit is spliced: from now on this stream carries the TLS bytes.
+    CircuitReady,
+    /// No circuit; the stream ends.
+    CircuitRefused { reason: CircuitRefusal },
+    /// Dial `peer` (from this peer's one endpoint) after `delay_ms`, so that
+    /// both sides' first packets leave at about the same moment.
+    Punch { peer: PeerInfo, delay_ms: u32 },
+}
+
+/// Why the tracker would not relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CircuitRefusal {
+    #[error("that peer is not logged on")]
+    NotOnline,
+    #[error("only enrolled peers may open circuits")]
+    NotEnrolled,
+    #[error("too many relay circuits open for this peer")]
+    TooManyCircuits,
+    #[error("the tracker is relaying as many circuits as it can")]
+    TrackerBusy,
+    #[error("the other peer did not accept the circuit")]
+    Declined,
+    #[error("circuit requests too frequent; slow down")]
+    Throttled,
 }
 
 /// A sealing key and the identity key's signature over it

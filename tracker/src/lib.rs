@@ -9,9 +9,12 @@
 //! - [`registry`]: who is online, and presence fan-out (the one place that
 //!   decides who hears about a change).
 //! - [`store`]: name → key bindings in SQLite, behind the [`store::NameStore`] trait.
+//! - [`mailbox`]: sealed messages held for offline peers, notices, sealing keys.
+//! - [`relay`]: relay circuits (spliced streams, quotas) and hole-punch timing.
 
 pub mod mailbox;
 pub mod registry;
+pub mod relay;
 pub mod session;
 pub mod store;
 
@@ -44,8 +47,9 @@ pub const MAX_ENROLLING: usize = 1_024;
 /// A connection with no packets for this long is dropped (peers send
 /// keep-alives every 3 s, so only a vanished peer goes this quiet).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Streams a peer may have open to the tracker at once.
-pub const MAX_STREAMS_PER_PEER: u32 = 4;
+/// Streams a peer may have open to the tracker at once: the control
+/// stream, its relay circuits, and one spare.
+pub const MAX_STREAMS_PER_PEER: u32 = 2 + relay::MAX_CIRCUITS_PER_PEER as u32;
 
 /// How a tracker is set up.
 #[derive(Debug, Clone)]
@@ -139,6 +143,7 @@ impl Tracker {
                 registry: Registry::new(config.max_peers),
                 names: Box::new(names),
                 mailbox,
+                relay: relay::Relay::default(),
                 max_peers: u32::try_from(config.max_peers).unwrap_or(u32::MAX),
             }),
             max_connections: config.max_peers.saturating_add(MAX_ENROLLING),

@@ -45,25 +45,28 @@ pub struct PresenceEvent {
     pub frame: Encoded<FromTracker>,
 }
 
-pub struct Registry {
-    inner: Mutex<Inner>,
+/// `C` is what the registry keeps to reach each online peer (its QUIC
+/// connection in the tracker; nothing in unit tests).
+pub struct Registry<C = quinn::Connection> {
+    inner: Mutex<Inner<C>>,
     presence: broadcast::Sender<PresenceEvent>,
     max_peers: usize,
 }
 
-#[derive(Default)]
-struct Inner {
-    by_name: HashMap<String, Entry>,
+struct Inner<C> {
+    by_name: HashMap<String, Entry<C>>,
     by_id: HashMap<PeerId, String>,
     next_session: SessionId,
 }
 
-struct Entry {
+struct Entry<C> {
     info: Arc<PeerInfo>,
     session: SessionId,
     /// Cancelled when a newer session of the same key replaces this one.
     replaced: CancellationToken,
     inbox: mpsc::Sender<FromTracker>,
+    /// For circuits the tracker opens to this peer, and its RTT.
+    conn: C,
 }
 
 /// What a newly joined session needs.
@@ -79,17 +82,21 @@ pub struct Joined {
     pub inbox: mpsc::Receiver<FromTracker>,
 }
 
-impl Registry {
+impl<C: Clone> Registry<C> {
     pub fn new(max_peers: usize) -> Self {
         let (presence, _) = broadcast::channel(PRESENCE_BACKLOG);
         Self {
-            inner: Mutex::default(),
+            inner: Mutex::new(Inner {
+                by_name: HashMap::new(),
+                by_id: HashMap::new(),
+                next_session: 0,
+            }),
             presence,
             max_peers,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner<C>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -108,7 +115,7 @@ impl Registry {
 
     /// Adds `info` to the online list (step 5), replacing any session of the
     /// same key, and publishes the change to everyone else (step 6).
-    pub fn join(&self, info: PeerInfo) -> Result<Joined, JoinError> {
+    pub fn join(&self, info: PeerInfo, conn: C) -> Result<Joined, JoinError> {
         let joined_frame =
             Encoded::new(&FromTracker::Presence(PresenceChange::Joined(info.clone())))?;
         let mut inner = self.lock();
@@ -144,6 +151,7 @@ impl Registry {
                 session,
                 replaced: replaced.clone(),
                 inbox: inbox_tx,
+                conn,
             },
         );
         let snapshot = inner.by_name.values().map(|e| e.info.clone()).collect();
@@ -200,6 +208,19 @@ impl Registry {
         entry.inbox.try_send(frame).is_ok()
     }
 
+    /// The connection of the peer online as `name` (for relay circuits).
+    pub fn connection(&self, name: &Name) -> Option<C> {
+        self.lock().by_name.get(&name.key()).map(|e| e.conn.clone())
+    }
+
+    /// The entry and connection of the peer online as `name`.
+    pub fn online_peer(&self, name: &Name) -> Option<(PeerInfo, C)> {
+        self.lock()
+            .by_name
+            .get(&name.key())
+            .map(|e| (PeerInfo::clone(&e.info), e.conn.clone()))
+    }
+
     pub fn lookup(&self, name: &Name) -> Option<PeerInfo> {
         self.lock()
             .by_name
@@ -241,9 +262,9 @@ mod tests {
 
     #[test]
     fn newcomer_gets_everyone_and_others_get_one_delta() {
-        let reg = Registry::new(10);
-        let mut alice = reg.join(info("alice", 1)).unwrap();
-        let bob = reg.join(info("bob", 2)).unwrap();
+        let reg = Registry::<()>::new(10);
+        let mut alice = reg.join(info("alice", 1), ()).unwrap();
+        let bob = reg.join(info("bob", 2), ()).unwrap();
         assert_eq!(bob.snapshot.len(), 2);
         // alice's receiver sees her own join (filtered by origin in the
         // session) and then bob's join, as a single entry.
@@ -260,9 +281,9 @@ mod tests {
 
     #[test]
     fn name_online_under_another_key_is_in_use_in_any_case() {
-        let reg = Registry::new(10);
-        let _alice = reg.join(info("alice", 1)).unwrap();
-        let err = reg.join(info("ALICE", 2)).err().unwrap();
+        let reg = Registry::<()>::new(10);
+        let _alice = reg.join(info("alice", 1), ()).unwrap();
+        let err = reg.join(info("ALICE", 2), ()).err().unwrap();
         assert!(matches!(err, JoinError::Rejected(RejectReason::NameInUse)));
         assert_eq!(
             reg.check(&Name::parse("Alice").unwrap(), PeerId([2; 32])),
@@ -272,9 +293,9 @@ mod tests {
 
     #[test]
     fn same_key_replaces_its_old_session_and_stale_leave_is_ignored() {
-        let reg = Registry::new(10);
-        let first = reg.join(info("alice", 1)).unwrap();
-        let second = reg.join(info("alice", 1)).unwrap();
+        let reg = Registry::<()>::new(10);
+        let first = reg.join(info("alice", 1), ()).unwrap();
+        let second = reg.join(info("alice", 1), ()).unwrap();
         assert!(first.replaced.is_cancelled());
         assert!(!second.replaced.is_cancelled());
         assert!(!reg.leave(&Name::parse("alice").unwrap(), first.session));
@@ -285,9 +306,9 @@ mod tests {
 
     #[test]
     fn leave_publishes_one_left_change() {
-        let reg = Registry::new(10);
-        let alice = reg.join(info("alice", 1)).unwrap();
-        let mut bob = reg.join(info("bob", 2)).unwrap();
+        let reg = Registry::<()>::new(10);
+        let alice = reg.join(info("alice", 1), ()).unwrap();
+        let mut bob = reg.join(info("bob", 2), ()).unwrap();
         let _ = recv(&mut bob.presence); // bob's own join
         assert!(reg.leave(&Name::parse("alice").unwrap(), alice.session));
         let (_, change) = recv(&mut bob.presence);
@@ -302,27 +323,27 @@ mod tests {
 
     #[test]
     fn full_registry_refuses_new_keys() {
-        let reg = Registry::new(1);
-        let _a = reg.join(info("alice", 1)).unwrap();
-        let err = reg.join(info("bob", 2)).err().unwrap();
+        let reg = Registry::<()>::new(1);
+        let _a = reg.join(info("alice", 1), ()).unwrap();
+        let err = reg.join(info("bob", 2), ()).err().unwrap();
         assert!(matches!(
             err,
             JoinError::Rejected(RejectReason::TrackerFull)
         ));
         // but the same key may still reconnect
-        assert!(reg.join(info("alice", 1)).is_ok());
+        assert!(reg.join(info("alice", 1), ()).is_ok());
     }
 
     #[test]
     fn a_session_too_far_behind_is_told_it_lagged() {
-        let reg = Registry::new(PRESENCE_BACKLOG + 10);
-        let mut slow = reg.join(info("slow", 0)).unwrap();
+        let reg = Registry::<()>::new(PRESENCE_BACKLOG + 10);
+        let mut slow = reg.join(info("slow", 0), ()).unwrap();
         for i in 0..PRESENCE_BACKLOG + 1 {
             let mut id = [0u8; 32];
             id[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
             let mut p = info(&format!("p{i}"), 0);
             p.id = PeerId(id);
-            let _ = reg.join(p).unwrap();
+            let _ = reg.join(p, ()).unwrap();
         }
         assert!(matches!(
             slow.presence.try_recv(),

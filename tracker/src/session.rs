@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::{
     mailbox::Mailbox,
     registry::{JoinError, Registry},
+    relay::{Relay, punch_delays, serve_circuit},
     store::{NameStore, now_secs},
 };
 
@@ -43,6 +44,7 @@ pub struct Shared {
     pub registry: Registry,
     pub names: Box<dyn NameStore>,
     pub mailbox: Mailbox,
+    pub relay: Relay,
     pub max_peers: u32,
 }
 
@@ -222,7 +224,7 @@ impl Session {
             observed,
             local_addrs,
         };
-        let joined = match self.shared.registry.join(info) {
+        let joined = match self.shared.registry.join(info.clone(), self.conn.clone()) {
             Ok(joined) => joined,
             Err(JoinError::Rejected(reason)) => return self.reject(&mut writer, reason).await,
             Err(JoinError::Encode(e)) => return Err(e.into()),
@@ -270,6 +272,8 @@ impl Session {
         let mut presence = joined.presence;
         let replaced = joined.replaced;
         let mut inbox = joined.inbox;
+        // Relay circuits this peer asked for; they end with the session.
+        let mut circuits = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 frame = reader.next() => match frame {
@@ -278,6 +282,11 @@ impl Session {
                         self.write(&mut writer, FromTracker::LookupReply { req, peer }).await?;
                     }
                     Some(Ok(ToTracker::Logout)) => return self.goodbye(&mut writer).await,
+                    Some(Ok(ToTracker::Connect { to })) => {
+                        if let Some(reply) = self.punch(&info, &to) {
+                            self.write(&mut writer, reply).await?;
+                        }
+                    }
                     Some(Ok(frame @ (ToTracker::PublishSealKey(_)
                     | ToTracker::SealKeyOf { .. }
                     | ToTracker::Hold { .. }
@@ -302,6 +311,11 @@ impl Session {
                     Err(RecvError::Closed) => return Err(End::Shutdown),
                 },
                 Some(frame) = inbox.recv() => self.write(&mut writer, frame).await?,
+                stream = self.conn.accept_bi() => {
+                    let (send, recv) = stream?;
+                    circuits.spawn(serve_circuit(self.shared.clone(), (name.clone(), self.id), send, recv));
+                }
+                Some(_) = circuits.join_next(), if !circuits.is_empty() => {}
                 () = replaced.cancelled() => {
                     // Best effort: the peer may already be gone. The close
                     // code says it too, should this frame not arrive.
@@ -426,6 +440,29 @@ impl Session {
             Ok(None) => {}
             Err(e) => warn!(error = %e, "mailbox storage failed"),
         }
+    }
+
+    /// Coordinates a hole punch between this peer and `to`: tells `to` to
+    /// dial us and returns the frame that tells us to dial it, each delayed
+    /// so both first packets leave together.
+    fn punch(&self, me: &PeerInfo, to: &Name) -> Option<FromTracker> {
+        let (target, target_conn) = self.shared.registry.online_peer(to)?;
+        if target.id == self.id {
+            return None;
+        }
+        let (mine, theirs) = punch_delays(self.conn.rtt(), target_conn.rtt());
+        debug!(%to, mine, theirs, "coordinating a hole punch");
+        let tell_them = FromTracker::Punch {
+            peer: me.clone(),
+            delay_ms: theirs,
+        };
+        if !self.shared.registry.push(&target.id, tell_them) {
+            return None;
+        }
+        Some(FromTracker::Punch {
+            peer: target,
+            delay_ms: mine,
+        })
     }
 
     /// The name store's verdict on this key taking `name` (binding it if `bind`).
