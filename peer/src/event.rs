@@ -9,7 +9,7 @@ use tincan_proto::{MessageId, Name, PeerId, tracker::PeerInfo};
 pub enum Path {
     /// A QUIC connection straight to the other peer.
     Direct,
-    /// A circuit through the tracker (not built yet).
+    /// A TLS session inside a circuit spliced by the tracker.
     Relay,
     /// Sealed and stored by the tracker until the recipient collected it.
     Held,
@@ -129,6 +129,12 @@ pub enum Event {
         id: MessageId,
         to: Name,
         reason: String,
+    },
+    /// The path of the conversation with a peer was established or changed.
+    Path {
+        name: Name,
+        path: Path,
+        rtt: Duration,
     },
     /// The tracker connection is gone; direct conversations go on, and the
     /// node enrolls again after `retry_in`.

@@ -483,6 +483,9 @@ fn event_json(event: &Event) -> Value {
             "event": "key_changed", "name": name.as_str(), "pinned": pinned.to_string(),
             "announced": announced.to_string(),
         }),
+        Event::Path { name, path, rtt } => json!({
+            "event": "path", "name": name.as_str(), "path": path.as_str(), "rtt_ms": ms(*rtt),
+        }),
         Event::TrackerLost { reason, retry_in } => json!({
             "event": "tracker_lost", "reason": reason, "retry_in_ms": ms(*retry_in),
         }),
@@ -557,6 +560,15 @@ fn event_text(node: &Node, event: &Event) -> Option<String> {
              and type /accept {name}",
             pinned.short(),
             announced.short()
+        ),
+        Event::Path { name, path, rtt } => format!(
+            "* talking to {name} {} now (rtt {} ms)",
+            match path {
+                Path::Direct => "directly",
+                Path::Relay => "through the tracker's relay",
+                Path::Held => "through the tracker's mailbox",
+            },
+            ms(*rtt)
         ),
         Event::TrackerLost { reason, retry_in } => format!(
             "! lost the tracker ({reason}); direct conversations go on; enrolling again in {} s",

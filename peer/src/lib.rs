@@ -6,8 +6,13 @@
 //!   the per-message delivery task (resend on a fresh link, final state).
 //! - [`tracker_client`]: enrollment (hello → welcome → thanks → list), presence,
 //!   lookups, and re-enrollment with backoff when the tracker goes away.
-//! - [`links`]: direct peer connections: dialing with the pinned key, accepting,
-//!   message streams, acknowledgements, showing each message id once.
+//! - [`links`]: links to peers (direct QUIC and relay circuits), the path
+//!   strategy (dial + punch + relay in parallel, background upgrade), message
+//!   streams and acknowledgements.
+//! - [`relay`]: relay circuits through the tracker with TLS 1.3 inside.
+//! - [`outbox`]: the send path: one ordered conversation per destination, routes, resends.
+//! - [`mail`]: held messages and notices from the tracker.
+//! - [`delivery`]: the message state machine.
 //! - [`directory`]: the client list as this peer knows it.
 //! - [`net`]: the single QUIC endpoint and transport settings.
 //! - [`store`]: `peer.db` (pinned tracker key).
@@ -25,6 +30,7 @@ pub mod mail;
 pub mod net;
 pub mod node;
 pub mod outbox;
+pub mod relay;
 pub mod store;
 pub mod tracker_client;
 

@@ -1,10 +1,20 @@
-//! Direct links: mutually authenticated QUIC connections to other peers, the
-//! message streams on them, and acknowledgements.
+//! Links to other peers: direct QUIC connections and relay circuits through
+//! the tracker, the message streams on them, acknowledgements, and the
+//! strategy that picks and upgrades the path.
 //!
-//! A link is one connection to one peer. Each side sends its own messages on
-//! one bidirectional stream it opens lazily (`Open{from}` first, then `Msg`
-//! frames; the other side answers `Ack{id}` on the same stream). Every
-//! connection, dialed or accepted, also serves the other side's streams.
+//! A link is one path to one peer. Each side sends its own messages on one
+//! stream it owns (`Open{from}` first, then `Msg` frames; the other side
+//! answers `Ack{id}` on the same stream). On a direct link that stream is a
+//! QUIC stream opened lazily; on a relay link it is the circuit itself, with
+//! TLS 1.3 inside (pinned keys both ways, see [`crate::relay`]).
+//!
+//! Strategy ([`Links::connect`]): a live direct link is used at once.
+//! Otherwise the known addresses are dialed, the tracker is asked to
+//! coordinate a hole punch (both sides dial at the same moment), and a relay
+//! circuit is requested, all in parallel; the first that comes up carries
+//! the message. A relayed conversation keeps trying to go direct in the
+//! background ([`UPGRADE_ATTEMPTS`], with backoff); when it does, the relay
+//! link is closed and what was unacknowledged on it is resent directly.
 //!
 //! Two peers that dial each other at the same moment end up with two
 //! connections. Both sides keep the one dialed by the smaller peer id and
@@ -12,31 +22,37 @@
 //! still acknowledged (and anything that is not is resent by the sender).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
-use futures_util::{SinkExt, StreamExt, future::select_ok};
+use futures_util::{FutureExt, SinkExt, StreamExt, future::select_ok};
 use quinn::Connection;
 use tincan_proto::{
     ALPN_PEER, Codec, MAX_BODY_LEN, MessageId, Name, PeerId, close,
     peer::{Refusal, ToReceiver, ToSender},
-    tracker::PeerInfo,
+    tracker::{PeerInfo, ToTracker},
 };
 use tokio::{
-    sync::{OnceCell, mpsc, oneshot},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    sync::{Notify, OnceCell, mpsc, oneshot},
     time::timeout,
 };
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::{
+    codec::{FramedRead, FramedWrite},
+    sync::CancellationToken,
+};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     event::{Event, Path, Shown},
     net,
     node::Inner,
+    relay,
     store::Incoming,
+    tracker_client::Command,
 };
 
 /// Longest wait for a direct connection to come up.
@@ -49,6 +65,16 @@ pub const OUT_QUEUE: usize = 1024;
 pub const MAX_LINKS: usize = 256;
 /// How long the losing connection of a simultaneous dial stays open.
 pub const DUPLICATE_GRACE: Duration = Duration::from_secs(2);
+/// How long a direct attempt gets before the relay is asked too.
+pub const RELAY_HEAD_START: Duration = Duration::from_millis(50);
+/// Background attempts to move a relayed conversation to a direct path.
+pub const UPGRADE_ATTEMPTS: u32 = 6;
+/// Delay before the first upgrade attempt; doubled after each.
+pub const UPGRADE_FIRST_DELAY: Duration = Duration::from_millis(500);
+/// How long one upgrade attempt waits for a direct link.
+pub const PUNCH_WAIT: Duration = Duration::from_secs(3);
+/// After a relay upgrade, how long the relay link stays open for acks.
+pub const RELAY_GRACE: Duration = Duration::from_secs(1);
 
 /// The identity proven by a connection's TLS handshake.
 pub fn remote_id(conn: &Connection) -> Option<PeerId> {
@@ -62,7 +88,7 @@ pub fn remote_id(conn: &Connection) -> Option<PeerId> {
 /// A link broke or could not be made.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LinkError {
-    #[error("no direct path to {name}: {reason}")]
+    #[error("no path to {name}: {reason}")]
     Unreachable { name: Name, reason: String },
     #[error("link lost: {0}")]
     Lost(String),
@@ -70,45 +96,101 @@ pub enum LinkError {
     Refused(Refusal),
 }
 
-/// One connection to one peer.
+enum Transport {
+    Quic {
+        conn: Connection,
+        /// Who dialed it; decides which of two duplicates survives.
+        dialed_by: PeerId,
+    },
+    Relay {
+        closed: CancellationToken,
+        rtt: Duration,
+    },
+}
+
+type Pending = HashMap<MessageId, oneshot::Sender<Result<(), LinkError>>>;
+
+/// One path to one peer.
 #[derive(Clone)]
 pub struct Link(Arc<LinkState>);
 
 struct LinkState {
-    conn: Connection,
+    transport: Transport,
     peer: PeerId,
-    /// Who dialed this connection; decides which of two duplicates survives.
-    dialed_by: PeerId,
     out: OnceCell<mpsc::Sender<ToReceiver>>,
-    pending: Mutex<HashMap<MessageId, oneshot::Sender<Result<(), LinkError>>>>,
+    pending: Mutex<Pending>,
 }
 
 impl Link {
-    fn new(conn: Connection, peer: PeerId, dialed_by: PeerId) -> Self {
-        Self(Arc::new(LinkState {
-            conn,
+    fn quic(conn: Connection, peer: PeerId, dialed_by: PeerId) -> Self {
+        Self::with(Transport::Quic { conn, dialed_by }, peer)
+    }
+
+    pub(crate) fn relay(peer: PeerId, rtt: Duration) -> Self {
+        Self::with(
+            Transport::Relay {
+                closed: CancellationToken::new(),
+                rtt,
+            },
             peer,
-            dialed_by,
+        )
+    }
+
+    fn with(transport: Transport, peer: PeerId) -> Self {
+        Self(Arc::new(LinkState {
+            transport,
+            peer,
             out: OnceCell::new(),
             pending: Mutex::default(),
         }))
     }
 
     pub fn rtt(&self) -> Duration {
-        self.0.conn.rtt()
+        match &self.0.transport {
+            Transport::Quic { conn, .. } => conn.rtt(),
+            Transport::Relay { rtt, .. } => *rtt,
+        }
     }
 
     pub fn path(&self) -> Path {
-        Path::Direct
+        match self.0.transport {
+            Transport::Quic { .. } => Path::Direct,
+            Transport::Relay { .. } => Path::Relay,
+        }
     }
 
     fn alive(&self) -> bool {
-        self.0.conn.close_reason().is_none()
+        match &self.0.transport {
+            Transport::Quic { conn, .. } => conn.close_reason().is_none(),
+            Transport::Relay { closed, .. } => !closed.is_cancelled(),
+        }
     }
 
-    fn pending(
-        &self,
-    ) -> MutexGuard<'_, HashMap<MessageId, oneshot::Sender<Result<(), LinkError>>>> {
+    fn close(&self, code: u32, reason: &'static [u8]) {
+        match &self.0.transport {
+            Transport::Quic { conn, .. } => conn.close(code.into(), reason),
+            Transport::Relay { closed, .. } => closed.cancel(),
+        }
+    }
+
+    /// Resolves when the link is closed (by either side).
+    async fn closed(&self) {
+        match &self.0.transport {
+            Transport::Quic { conn, .. } => {
+                conn.closed().await;
+            }
+            Transport::Relay { closed, .. } => closed.cancelled().await,
+        }
+    }
+
+    fn conn(&self) -> Option<&Connection> {
+        match &self.0.transport {
+            Transport::Quic { conn, .. } => Some(conn),
+            Transport::Relay { .. } => None,
+        }
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Pending> {
         self.0.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -143,129 +225,198 @@ impl Link {
         Ok(rx)
     }
 
-    /// Opens our message stream on this link, sends `Open`, and starts its
-    /// writer and acknowledgement reader.
+    /// Opens our message stream on a direct link.
     async fn open_outbound(
         &self,
         inner: &Arc<Inner>,
     ) -> Result<mpsc::Sender<ToReceiver>, LinkError> {
-        let lost = |e: &dyn std::fmt::Display| LinkError::Lost(e.to_string());
-        let (send, recv) = self.0.conn.open_bi().await.map_err(|e| lost(&e))?;
-        let mut writer = FramedWrite::new(send, Codec::<(), ToReceiver>::default());
-        writer
-            .send(ToReceiver::Open {
-                from: inner.config.name.clone(),
-            })
+        let Some(conn) = self.conn() else {
+            return Err(LinkError::Lost("relay circuit closed".into()));
+        };
+        let (send, recv) = conn
+            .open_bi()
             .await
-            .map_err(|e| lost(&e))?;
-        let (tx, mut rx) = mpsc::channel::<ToReceiver>(OUT_QUEUE);
+            .map_err(|e| LinkError::Lost(e.to_string()))?;
+        start_outbound(inner, self, recv, send).await
+    }
 
-        let conn = self.0.conn.clone();
-        inner.tasks.spawn(async move {
-            // Feed everything queued, then flush once: one write per burst.
-            while let Some(first) = rx.recv().await {
-                let mut result = writer.feed(first).await;
-                while result.is_ok() {
-                    match rx.try_recv() {
-                        Ok(next) => result = writer.feed(next).await,
-                        Err(_) => break,
-                    }
-                }
-                if let Err(e) = match result {
-                    Ok(()) => SinkExt::<ToReceiver>::flush(&mut writer).await,
-                    Err(e) => Err(e),
-                } {
-                    debug!(error = %e, "message stream write failed");
-                    conn.close(close::BAD_FRAME.into(), b"write failed");
-                    return;
-                }
-            }
-            let _ = writer.get_mut().finish();
-        });
-
-        let link = self.clone();
-        let events = inner.clone();
-        inner.tasks.spawn(async move {
-            let mut reader = FramedRead::new(recv, Codec::<ToSender, ()>::default());
-            let end = loop {
-                match reader.next().await {
-                    Some(Ok(ToSender::Ack { id })) => {
-                        if let Some(tx) = link.pending().remove(&id) {
-                            let _ = tx.send(Ok(()));
-                        }
-                    }
-                    Some(Ok(ToSender::Refused { reason })) => {
-                        events
-                            .emit(Event::Warning {
-                                message: format!("a peer refused our messages: {reason}"),
-                            })
-                            .await;
-                        break LinkError::Refused(reason);
-                    }
-                    Some(Err(e)) => {
-                        link.0.conn.close(close::BAD_FRAME.into(), b"bad frame");
-                        break LinkError::Lost(e.to_string());
-                    }
-                    None => break LinkError::Lost("message stream closed".into()),
-                }
-            };
-            link.fail_pending(end);
-        });
-        Ok(tx)
+    /// For a relay link: its circuit is the message stream.
+    pub(crate) async fn attach_outbound<R, W>(
+        &self,
+        inner: &Arc<Inner>,
+        recv: R,
+        send: W,
+    ) -> Result<(), LinkError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let out = start_outbound(inner, self, recv, send).await?;
+        self.0
+            .out
+            .set(out)
+            .map_err(|_| LinkError::Lost("link already has a stream".into()))
     }
 }
 
-/// All direct links of this node.
+/// Sends `Open` on a message stream, then starts its writer and
+/// acknowledgement reader.
+async fn start_outbound<R, W>(
+    inner: &Arc<Inner>,
+    link: &Link,
+    recv: R,
+    send: W,
+) -> Result<mpsc::Sender<ToReceiver>, LinkError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut writer = FramedWrite::new(send, Codec::<(), ToReceiver>::default());
+    writer
+        .send(ToReceiver::Open {
+            from: inner.config.name.clone(),
+        })
+        .await
+        .map_err(|e| LinkError::Lost(e.to_string()))?;
+    let (tx, mut rx) = mpsc::channel::<ToReceiver>(OUT_QUEUE);
+
+    let owner = link.clone();
+    inner.tasks.spawn(async move {
+        // Feed everything queued, then flush once: one write per burst.
+        loop {
+            let first = tokio::select! {
+                first = rx.recv() => match first {
+                    Some(first) => first,
+                    None => break,
+                },
+                () = owner.closed() => return,
+            };
+            let mut result = writer.feed(first).await;
+            while result.is_ok() {
+                match rx.try_recv() {
+                    Ok(next) => result = writer.feed(next).await,
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = match result {
+                Ok(()) => SinkExt::<ToReceiver>::flush(&mut writer).await,
+                Err(e) => Err(e),
+            } {
+                debug!(error = %e, "message stream write failed");
+                owner.close(close::BAD_FRAME, b"write failed");
+                return;
+            }
+        }
+        let _ = writer.get_mut().shutdown().await;
+    });
+
+    let link = link.clone();
+    let events = inner.clone();
+    inner.tasks.spawn(async move {
+        let mut reader = FramedRead::new(recv, Codec::<ToSender, ()>::default());
+        let end = loop {
+            let frame = tokio::select! {
+                frame = reader.next() => frame,
+                () = link.closed() => break LinkError::Lost("link closed".into()),
+            };
+            match frame {
+                Some(Ok(ToSender::Ack { id })) => {
+                    if let Some(tx) = link.pending().remove(&id) {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Some(Ok(ToSender::Refused { reason })) => {
+                    events
+                        .emit(Event::Warning {
+                            message: format!("a peer refused our messages: {reason}"),
+                        })
+                        .await;
+                    break LinkError::Refused(reason);
+                }
+                Some(Err(e)) => {
+                    link.close(close::BAD_FRAME, b"bad frame");
+                    break LinkError::Lost(e.to_string());
+                }
+                None => break LinkError::Lost("message stream closed".into()),
+            }
+        };
+        if link.path() == Path::Relay {
+            link.close(close::NORMAL, b"circuit ended");
+        }
+        link.fail_pending(end);
+    });
+    Ok(tx)
+}
+
+/// All links of this node.
 #[derive(Default)]
 pub struct Links {
-    map: Mutex<HashMap<PeerId, Link>>,
+    direct: Mutex<HashMap<PeerId, Link>>,
+    relays: Mutex<HashMap<PeerId, Link>>,
     dialing: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The path last announced for each peer, to announce only changes.
+    paths: Mutex<HashMap<PeerId, Path>>,
+    upgrading: Mutex<HashSet<PeerId>>,
+    /// Woken whenever a direct link is registered.
+    registered: Notify,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Links {
-    fn map(&self) -> MutexGuard<'_, HashMap<PeerId, Link>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    /// The best live link to a peer: direct, else relay.
+    pub fn get(&self, id: &PeerId) -> Option<Link> {
+        self.direct_link(id)
+            .or_else(|| locked(&self.relays).get(id).filter(|l| l.alive()).cloned())
     }
 
-    pub fn get(&self, id: &PeerId) -> Option<Link> {
-        self.map().get(id).filter(|l| l.alive()).cloned()
+    fn direct_link(&self, id: &PeerId) -> Option<Link> {
+        locked(&self.direct).get(id).filter(|l| l.alive()).cloned()
     }
 
     pub fn count(&self) -> usize {
-        self.map().len()
+        locked(&self.direct).len()
     }
 
-    /// Closes and forgets the link to a peer that went offline.
+    /// Closes and forgets every link to a peer that went offline or moved.
     pub fn forget(&self, id: &PeerId) {
-        if let Some(link) = self.map().remove(id) {
-            link.0
-                .conn
-                .close(close::NORMAL.into(), b"peer went offline");
+        if let Some(link) = locked(&self.direct).remove(id) {
+            link.close(close::NORMAL, b"peer went offline");
         }
-        self.dialing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        if let Some(link) = locked(&self.relays).remove(id) {
+            link.close(close::NORMAL, b"peer went offline");
+        }
+        locked(&self.dialing).remove(id);
+        locked(&self.paths).remove(id);
     }
 
     pub fn close_all(&self) {
-        for (_, link) in self.map().drain() {
-            link.0.conn.close(close::NORMAL.into(), b"logout");
+        for (_, link) in locked(&self.direct).drain() {
+            link.close(close::NORMAL, b"logout");
+        }
+        for (_, link) in locked(&self.relays).drain() {
+            link.close(close::NORMAL, b"logout");
         }
     }
 
-    /// Adds a new connection, applying the duplicate rule; starts serving
-    /// the other side's streams on it either way.
+    /// Adds a new direct connection, applying the duplicate rule; starts
+    /// serving the other side's streams on it either way.
     fn register(&self, inner: &Arc<Inner>, link: Link) {
-        let me = inner.identity.id();
-        let preferred_dialer = me.min(link.0.peer);
+        let Transport::Quic { dialed_by, .. } = &link.0.transport else {
+            return;
+        };
+        let preferred_dialer = inner.identity.id().min(link.0.peer);
         let loser = {
-            let mut map = self.map();
+            let mut map = locked(&self.direct);
             match map.get(&link.0.peer) {
                 Some(existing) if existing.alive() => {
-                    let new_wins = link.0.dialed_by == preferred_dialer
-                        && existing.0.dialed_by != preferred_dialer;
-                    if new_wins {
+                    let existing_preferred = matches!(
+                        &existing.0.transport,
+                        Transport::Quic { dialed_by, .. } if *dialed_by == preferred_dialer
+                    );
+                    if *dialed_by == preferred_dialer && !existing_preferred {
                         map.insert(link.0.peer, link.clone())
                     } else {
                         Some(link.clone())
@@ -277,14 +428,12 @@ impl Links {
                 }
             }
         };
+        self.registered.notify_waiters();
         if let Some(loser) = loser {
             debug!(peer = %link.0.peer.short(), "duplicate connection; closing one after grace");
             inner.tasks.spawn(async move {
                 tokio::time::sleep(DUPLICATE_GRACE).await;
-                loser
-                    .0
-                    .conn
-                    .close(close::DUPLICATE.into(), b"duplicate connection");
+                loser.close(close::DUPLICATE, b"duplicate connection");
             });
         }
         let span = info_span!("link", peer = %link.0.peer.short());
@@ -294,51 +443,187 @@ impl Links {
     }
 
     fn remove_if(&self, link: &Link) {
-        let mut map = self.map();
-        if map
+        let mut map = locked(&self.direct);
+        let same = map
             .get(&link.0.peer)
-            .is_some_and(|l| l.0.conn.stable_id() == link.0.conn.stable_id())
-        {
+            .is_some_and(|l| Arc::ptr_eq(&l.0, &link.0));
+        if same {
             map.remove(&link.0.peer);
         }
     }
 
-    /// The live link to `info`'s peer, dialing it if there is none.
-    pub async fn get_or_dial(
-        &self,
-        inner: &Arc<Inner>,
-        info: &PeerInfo,
-    ) -> Result<Link, LinkError> {
-        if let Some(link) = self.get(&info.id) {
+    /// Resolves when a live direct link to `id` exists.
+    async fn direct_appears(&self, id: PeerId) -> Link {
+        loop {
+            let notified = self.registered.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(link) = self.direct_link(&id) {
+                return link;
+            }
+            notified.await;
+        }
+    }
+
+    /// Announces the path to a peer if it changed.
+    async fn note_path(&self, inner: &Inner, info: &PeerInfo, link: &Link) {
+        let changed = locked(&self.paths).insert(info.id, link.path()) != Some(link.path());
+        if changed {
+            info!(peer = %info.name, path = link.path().as_str(), "path");
+            inner
+                .emit(Event::Path {
+                    name: info.name.clone(),
+                    path: link.path(),
+                    rtt: link.rtt(),
+                })
+                .await;
+        }
+    }
+
+    /// A live link to `info`'s peer, making one if there is none (see the
+    /// module docs for the strategy).
+    pub async fn connect(&self, inner: &Arc<Inner>, info: &PeerInfo) -> Result<Link, LinkError> {
+        if let Some(link) = self.direct_link(&info.id) {
+            self.note_path(inner, info, &link).await;
             return Ok(link);
         }
-        let lock = self
-            .dialing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(info.id)
-            .or_default()
-            .clone();
-        let _one_dial_at_a_time = lock.lock().await;
+        let lock = locked(&self.dialing).entry(info.id).or_default().clone();
+        let _one_attempt_at_a_time = lock.lock().await;
         if let Some(link) = self.get(&info.id) {
+            if link.path() == Path::Relay {
+                self.upgrade_later(inner, info);
+            }
+            self.note_path(inner, info, &link).await;
             return Ok(link);
         }
-        let conn = dial(inner, info).await?;
-        let link = Link::new(conn, info.id, inner.identity.id());
-        self.register(inner, link.clone());
+        let link = if inner.config.relay_only {
+            self.open_relay(inner, info).await?
+        } else {
+            let direct = async {
+                request_punch(inner, &info.name);
+                tokio::select! {
+                    dialed = dial(inner, info, None) => {
+                        let conn = dialed?;
+                        let link = Link::quic(conn, info.id, inner.identity.id());
+                        self.register(inner, link);
+                        // The duplicate rule may have kept another one.
+                        self.direct_link(&info.id)
+                            .ok_or_else(|| LinkError::Lost("direct link closed at once".into()))
+                    }
+                    link = self.direct_appears(info.id) => Ok(link),
+                }
+            };
+            let relayed = async {
+                tokio::time::sleep(RELAY_HEAD_START).await;
+                self.open_relay(inner, info).await
+            };
+            match select_ok([direct.boxed(), relayed.boxed()]).await {
+                Ok((link, _)) => link,
+                Err(e) => return Err(e),
+            }
+        };
+        if link.path() == Path::Relay {
+            self.upgrade_later(inner, info);
+        }
+        self.note_path(inner, info, &link).await;
         Ok(link)
+    }
+
+    async fn open_relay(&self, inner: &Arc<Inner>, info: &PeerInfo) -> Result<Link, LinkError> {
+        let link = relay::open_circuit(inner, info).await?;
+        locked(&self.relays).insert(info.id, link.clone());
+        Ok(link)
+    }
+
+    /// Starts (once per peer) the background attempts to go direct.
+    fn upgrade_later(&self, inner: &Arc<Inner>, info: &PeerInfo) {
+        if inner.config.relay_only || !locked(&self.upgrading).insert(info.id) {
+            return;
+        }
+        let (inner2, info) = (inner.clone(), info.clone());
+        inner.tasks.spawn(async move {
+            let links = &inner2.links;
+            let mut delay = UPGRADE_FIRST_DELAY;
+            for attempt in 1..=UPGRADE_ATTEMPTS {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = inner2.cancel.cancelled() => break,
+                }
+                delay *= 2;
+                if links.direct_link(&info.id).is_none() {
+                    debug!(peer = %info.name, attempt, "trying to go direct");
+                    request_punch(&inner2, &info.name);
+                    let direct = async {
+                        tokio::select! {
+                            Ok(conn) = dial(&inner2, &info, None) => {
+                                links.register(&inner2, Link::quic(conn, info.id, inner2.identity.id()));
+                            }
+                            _ = links.direct_appears(info.id) => {}
+                        }
+                    };
+                    let _ = timeout(PUNCH_WAIT, direct).await;
+                }
+                if let Some(link) = links.direct_link(&info.id) {
+                    links.note_path(&inner2, &info, &link).await;
+                    // Unacknowledged messages on the relay fail over and are
+                    // resent on the direct link; the receiver shows each once.
+                    let relay = locked(&links.relays).remove(&info.id);
+                    if let Some(relay) = relay {
+                        tokio::time::sleep(RELAY_GRACE).await;
+                        relay.close(close::NORMAL, b"upgraded to direct");
+                    }
+                    break;
+                }
+            }
+            locked(&links.upgrading).remove(&info.id);
+        });
+    }
+}
+
+/// Asks the tracker to have `name` dial us while we dial it.
+fn request_punch(inner: &Inner, name: &Name) {
+    // Best effort: when the tracker is away there is nobody to coordinate.
+    let _ = inner
+        .tracker
+        .try_send(Command::Send(ToTracker::Connect { to: name.clone() }));
+}
+
+/// The tracker says: dial `peer` after `delay_ms` (it dials us too).
+pub async fn punch(inner: Arc<Inner>, peer: PeerInfo, delay_ms: u32) {
+    if peer.id == inner.identity.id() || !inner.observe_key(&peer.name, peer.id).await {
+        return;
+    }
+    if inner.config.relay_only || inner.links.direct_link(&peer.id).is_some() {
+        return;
+    }
+    tokio::time::sleep(Duration::from_millis(delay_ms.into())).await;
+    // Our first packet opens our NAT for theirs; start retransmitting as
+    // fast as the path allows rather than after quinn's default 1 s.
+    let rtt = inner
+        .tracker_rtt()
+        .map(|r| r * 2)
+        .unwrap_or(Duration::from_millis(100));
+    if let Ok(conn) = dial(&inner, &peer, Some(rtt)).await {
+        inner
+            .links
+            .register(&inner, Link::quic(conn, peer.id, inner.identity.id()));
     }
 }
 
 /// Dials every known address of the peer at once; the first handshake that
 /// completes (with the pinned key) wins.
-async fn dial(inner: &Arc<Inner>, info: &PeerInfo) -> Result<Connection, LinkError> {
+async fn dial(
+    inner: &Arc<Inner>,
+    info: &PeerInfo,
+    initial_rtt: Option<Duration>,
+) -> Result<Connection, LinkError> {
     let unreachable = |reason: String| LinkError::Unreachable {
         name: info.name.clone(),
         reason,
     };
-    let config = net::client_config(&inner.identity, ALPN_PEER, Some(info.id))
-        .map_err(|e| unreachable(e.to_string()))?;
+    let config =
+        net::client_config_with_rtt(&inner.identity, ALPN_PEER, Some(info.id), initial_rtt)
+            .map_err(|e| unreachable(e.to_string()))?;
     let mut candidates: Vec<SocketAddr> = vec![info.observed];
     for addr in &info.local_addrs {
         if !candidates.contains(addr) {
@@ -401,25 +686,31 @@ pub async fn accept_loop(inner: Arc<Inner>) {
                 return;
             }
             debug!(%remote, peer = %peer.short(), "accepted link");
-            inner2.links.register(&inner2, Link::new(conn, peer, peer));
+            inner2.links.register(&inner2, Link::quic(conn, peer, peer));
         });
     }
 }
 
 /// Serves the other side's message streams on one connection until it closes.
 async fn serve_connection(inner: Arc<Inner>, link: Link) {
+    let Some(conn) = link.conn().cloned() else {
+        return;
+    };
     let error = loop {
         let (send, recv) = tokio::select! {
-            s = link.0.conn.accept_bi() => match s {
+            s = conn.accept_bi() => match s {
                 Ok(s) => s,
                 Err(e) => break e,
             },
             () = inner.cancel.cancelled() => return,
         };
         let inner2 = inner.clone();
-        let link2 = link.clone();
+        let conn2 = conn.clone();
+        let peer = link.0.peer;
         inner.tasks.spawn(async move {
-            if let Err(reason) = serve_stream(&inner2, &link2, send, recv).await {
+            let close = move |code: u32, why: &'static [u8]| conn2.close(code.into(), why);
+            if let Err(reason) = serve_stream(&inner2, peer, Path::Direct, &close, recv, send).await
+            {
                 debug!(%reason, "message stream ended");
             }
         });
@@ -429,35 +720,43 @@ async fn serve_connection(inner: Arc<Inner>, link: Link) {
     link.fail_pending(LinkError::Lost(error.to_string()));
 }
 
-/// One incoming message stream: authenticate the claimed name against the
-/// TLS key, then show each new message once and acknowledge every one.
-async fn serve_stream(
+/// One incoming message stream (direct or relayed): authenticate the
+/// claimed name against the key the TLS handshake proved, then show each
+/// new message once and acknowledge every one. `close` ends the whole link
+/// on a protocol violation.
+pub(crate) async fn serve_stream<R, W>(
     inner: &Arc<Inner>,
-    link: &Link,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-) -> Result<(), String> {
+    peer: PeerId,
+    path: Path,
+    close: &(dyn Fn(u32, &'static [u8]) + Send + Sync),
+    recv: R,
+    send: W,
+) -> Result<(), String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut reader = FramedRead::new(recv, Codec::<ToReceiver, ()>::default());
     let mut writer = FramedWrite::new(send, Codec::<(), ToSender>::default());
     let from = match timeout(OPEN_TIMEOUT, reader.next()).await {
         Ok(Some(Ok(ToReceiver::Open { from }))) => from,
         Ok(Some(Ok(_))) => {
-            link.0.conn.close(close::PROTOCOL.into(), b"expected Open");
+            close(close::PROTOCOL, b"expected Open");
             return Err("stream did not start with Open".into());
         }
         Ok(Some(Err(e))) => {
-            link.0.conn.close(close::BAD_FRAME.into(), b"bad frame");
+            close(close::BAD_FRAME, b"bad frame");
             return Err(e.to_string());
         }
         Ok(None) => return Err("stream closed before Open".into()),
         Err(_) => return Err("no Open frame in time".into()),
     };
-    if !inner.authorize(&from, link.0.peer).await {
+    if !inner.authorize(&from, peer).await {
         inner
             .emit(Event::Warning {
                 message: format!(
-                    "refused messages from a peer calling itself {from} whose key {} is not the one the tracker announced for that name",
-                    link.0.peer.short()
+                    "refused messages from a peer calling itself {from} whose key {} is not the one known for that name",
+                    peer.short()
                 ),
             })
             .await;
@@ -466,7 +765,7 @@ async fn serve_stream(
                 reason: Refusal::UnknownSender,
             })
             .await;
-        let _ = writer.get_mut().finish();
+        let _ = writer.get_mut().shutdown().await;
         return Err(format!("unauthorized sender claiming {from}"));
     }
     loop {
@@ -482,20 +781,17 @@ async fn serve_stream(
                             reason: Refusal::TooLarge,
                         })
                         .await;
-                    link.0
-                        .conn
-                        .close(close::PROTOCOL.into(), b"message too large");
+                    close(close::PROTOCOL, b"message too large");
                     return Err("oversized message".into());
                 }
                 // Record, show, then mark shown: a crash in between makes
                 // the sender resend, and the message is shown (not lost).
-                let path = link.path();
                 match inner
                     .store
-                    .receive(link.0.peer, &from, id, &body, sent_at_ms, path.as_str())
+                    .receive(peer, &from, id, &body, sent_at_ms, path.as_str())
                 {
                     Ok(Incoming::New | Incoming::NotShown) => {
-                        let (recorder, peer) = (inner.clone(), link.0.peer);
+                        let recorder = inner.clone();
                         let (shown, on_screen) = Shown::new(move || {
                             if let Err(e) = recorder.store.mark_shown(peer, id) {
                                 warn!(error = %e, "cannot record a shown message");
@@ -517,7 +813,7 @@ async fn serve_stream(
                     Err(e) => {
                         // Not recorded, so not acknowledged: the sender resends.
                         warn!(error = %e, "cannot record an incoming message");
-                        link.0.conn.close(close::NORMAL.into(), b"storage failure");
+                        close(close::NORMAL, b"storage failure");
                         return Err(e.to_string());
                     }
                 }
@@ -527,11 +823,11 @@ async fn serve_stream(
                     .map_err(|e| e.to_string())?;
             }
             Some(Ok(ToReceiver::Open { .. })) => {
-                link.0.conn.close(close::PROTOCOL.into(), b"second Open");
+                close(close::PROTOCOL, b"second Open");
                 return Err("second Open on one stream".into());
             }
             Some(Err(e)) => {
-                link.0.conn.close(close::BAD_FRAME.into(), b"bad frame");
+                close(close::BAD_FRAME, b"bad frame");
                 return Err(e.to_string());
             }
             None => return Ok(()),

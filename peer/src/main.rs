@@ -38,6 +38,10 @@ struct Args {
     /// them at once, as the classic IM server did.
     #[arg(long)]
     no_offline: bool,
+    /// Send only through the tracker's relay, never directly: the people you
+    /// write to do not learn your address.
+    #[arg(long)]
+    relay_only: bool,
 }
 
 fn parse_key(s: &str) -> Result<PeerId, String> {
@@ -88,6 +92,7 @@ async fn run(args: Args) -> anyhow::Result<Exit> {
     config.tracker_key = args.tracker_key;
     config.bind = args.bind;
     config.offline_delivery = !args.no_offline;
+    config.relay_only = args.relay_only;
     let (node, events) = Node::start(config).await?;
     let mode = if args.json { Mode::Json } else { Mode::Text };
     Ok(frontend::run(node, events, mode).await)

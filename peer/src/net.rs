@@ -19,6 +19,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keep-alive interval on every connection: well inside [`IDLE_TIMEOUT`]
 /// and inside the ~30 s that NAT mappings last.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(3);
+/// quinn's default first RTT estimate (RFC 9002).
+const DEFAULT_INITIAL_RTT: Duration = Duration::from_millis(333);
+/// Lowest first RTT estimate we set, so a bad guess cannot flood a path.
+const MIN_INITIAL_RTT: Duration = Duration::from_millis(10);
 /// Message streams the other side may have open on one peer connection.
 pub const MAX_STREAMS_PER_LINK: u32 = 8;
 
@@ -36,7 +40,14 @@ pub enum NetError {
 }
 
 fn transport() -> Arc<TransportConfig> {
+    transport_with_rtt(None)
+}
+
+fn transport_with_rtt(initial_rtt: Option<Duration>) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
+    if let Some(rtt) = initial_rtt {
+        t.initial_rtt(rtt.clamp(MIN_INITIAL_RTT, DEFAULT_INITIAL_RTT));
+    }
     // 10 s always fits quinn's VarInt range.
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok())
         .keep_alive_interval(Some(KEEP_ALIVE))
@@ -61,10 +72,22 @@ pub fn client_config(
     alpn: &[u8],
     expected: Option<PeerId>,
 ) -> Result<quinn::ClientConfig, NetError> {
+    client_config_with_rtt(identity, alpn, expected, None)
+}
+
+/// Like [`client_config`], with the first RTT estimate set from what the
+/// tracker measured: a lost first packet (common when punching through a
+/// NAT) is then resent after a few RTTs instead of after about a second.
+pub fn client_config_with_rtt(
+    identity: &Identity,
+    alpn: &[u8],
+    expected: Option<PeerId>,
+    initial_rtt: Option<Duration>,
+) -> Result<quinn::ClientConfig, NetError> {
     let tls = tincan_proto::tls::client_config(identity, alpn, expected)?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(transport_with_rtt(initial_rtt));
     Ok(config)
 }
 

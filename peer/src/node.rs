@@ -56,6 +56,9 @@ pub struct Config {
     /// Seal messages for offline (or unreachable) recipients and leave them
     /// with the tracker; when false, the classic immediate bounce.
     pub offline_delivery: bool,
+    /// Send only through relay circuits: never dial peers directly (hides
+    /// this peer's address from the people it writes to).
+    pub relay_only: bool,
 }
 
 impl Config {
@@ -69,6 +72,7 @@ impl Config {
             data_dir: data_dir.into(),
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
             offline_delivery: true,
+            relay_only: false,
         }
     }
 }
@@ -137,6 +141,8 @@ pub struct Inner {
     tracker_pin: Mutex<Option<PeerId>>,
     /// Whether the node is enrolled with the tracker right now.
     pub(crate) tracker_up: watch::Sender<bool>,
+    /// The current tracker connection (for relay circuits), if enrolled.
+    pub(crate) tracker_conn: Mutex<Option<quinn::Connection>>,
     pub(crate) in_flight: Arc<Semaphore>,
     /// Destination name key → (task generation, its queue).
     pub(crate) conversations: Mutex<HashMap<String, (u64, mpsc::Sender<Outgoing>)>>,
@@ -157,6 +163,23 @@ impl Inner {
 
     pub(crate) fn tracker_pin(&self) -> Option<PeerId> {
         *self.tracker_pin.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn tracker_conn(&self) -> Option<quinn::Connection> {
+        self.tracker_conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|c| c.close_reason().is_none())
+    }
+
+    pub(crate) fn set_tracker_conn(&self, conn: Option<quinn::Connection>) {
+        *self.tracker_conn.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+    }
+
+    /// Round-trip time to the tracker, while enrolled.
+    pub(crate) fn tracker_rtt(&self) -> Option<Duration> {
+        self.tracker_conn().map(|c| c.rtt())
     }
 
     pub(crate) fn next_generation(&self) -> u64 {
@@ -244,6 +267,7 @@ impl Inner {
             }
             info!(tracker = %self.config.tracker, key = %enrolled.tracker_id.short(), "pinned tracker key");
         }
+        self.set_tracker_conn(Some(enrolled.connection()));
         let changes = self.directory().replace(enrolled.peers.clone());
         for peer in &enrolled.peers {
             self.observe_key(&peer.name, peer.id).await;
@@ -322,6 +346,7 @@ impl Node {
             tracker,
             tracker_pin: Mutex::new(pin),
             tracker_up: watch::Sender::new(false),
+            tracker_conn: Mutex::new(None),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             conversations: Mutex::default(),
             next_generation: AtomicU64::new(0),

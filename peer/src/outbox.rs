@@ -222,7 +222,7 @@ impl Inner {
         if msg.hold_next {
             return self.hold(msg).await;
         }
-        let link = match self.links.get_or_dial(self, &info).await {
+        let link = match self.links.connect(self, &info).await {
             Ok(link) => link,
             Err(e) => {
                 if !self.config.offline_delivery {

@@ -70,6 +70,12 @@ impl EnrollError {
     }
 }
 
+impl Enrolled {
+    pub(crate) fn connection(&self) -> Connection {
+        self.conn.clone()
+    }
+}
+
 /// A finished enrollment.
 pub struct Enrolled {
     conn: Connection,
@@ -249,6 +255,7 @@ pub async fn run(inner: Arc<Inner>, first: Enrolled, mut commands: mpsc::Receive
             Ended::Lost(reason) => reason,
         };
         inner.tracker_up.send_replace(false);
+        inner.set_tracker_conn(None);
         match reconnect(&inner, reason, &mut commands).await {
             Some(next) => session = next,
             None => return,
@@ -264,7 +271,7 @@ enum Ended {
 }
 
 async fn follow(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     session: &mut Enrolled,
     commands: &mut mpsc::Receiver<Command>,
 ) -> Ended {
@@ -317,6 +324,9 @@ async fn follow(
                         return Ended::Cancelled;
                     }
                 }
+                Some(Ok(FromTracker::Punch { peer, delay_ms })) => {
+                    inner.tasks.spawn(crate::links::punch(inner.clone(), peer, delay_ms));
+                }
                 Some(Ok(FromTracker::LookupReply { req, peer })) => {
                     if let Some(reply) = lookups.remove(&req) {
                         let _ = reply.send(peer);
@@ -337,6 +347,12 @@ async fn follow(
                 }
                 None => return connection_ended(&session.conn),
             },
+            stream = session.conn.accept_bi() => {
+                // The tracker opens streams only to offer relay circuits.
+                if let Ok((send, recv)) = stream {
+                    inner.tasks.spawn(crate::relay::accept_circuit(inner.clone(), send, recv));
+                }
+            }
             cmd = commands.recv() => match cmd {
                 Some(Command::Lookup { name, reply }) => {
                     if lookups.len() >= MAX_PENDING_LOOKUPS {

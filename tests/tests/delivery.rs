@@ -206,6 +206,10 @@ async fn history_shows_both_directions_in_text_and_json() -> Result<()> {
     alice
         .expect_event("message", |v| v["text"] == "second")
         .await?;
+    bob.expect_line("bob's delivered status", |l| {
+        l.contains("to alice: delivered")
+    })
+    .await?;
     let h = alice
         .command(json!({"cmd": "history", "with": "bob"}))
         .await?;
@@ -217,8 +221,10 @@ async fn history_shows_both_directions_in_text_and_json() -> Result<()> {
         .collect();
     assert_eq!(texts, ["first", "second"]);
     bob.type_line("/history alice").await?;
-    bob.expect_line("the history line", |l| l.contains("alice: first"))
-        .await?;
+    bob.expect_line("the history line", |l| {
+        l.starts_with("  ") && l.contains("alice: first")
+    })
+    .await?;
     bob.expect_line("the history line", |l| {
         l.contains("bob: second") && l.contains("delivered")
     })
