@@ -6,6 +6,8 @@
 //! test executable (target/<profile>/). Every child is started with
 //! `kill_on_drop`, so a failing test still stops every process it started.
 
+pub mod raw;
+
 use std::{
     collections::VecDeque,
     path::{Path, PathBuf},

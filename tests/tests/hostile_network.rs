@@ -2,40 +2,26 @@
 //! one connection with an error code; the process keeps serving everyone
 //! else. The hostile client here is real QUIC with a real (self-made) identity.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
-use quinn::{Connection, ConnectionError, Endpoint, crypto::rustls::QuicClientConfig};
+use quinn::{Connection, ConnectionError};
 use tincan_proto::{
     ALPN_PEER, ALPN_TRACKER, Codec, MessageId, Name, PeerId, close,
     peer::{Refusal, ToReceiver, ToSender},
     seal::{seal, verify_receipt, verify_seal_key},
-    tls::{Identity, SERVER_NAME, client_config},
+    tls::Identity,
     tracker::{FromTracker, HoldResult, NoticeKind, ToTracker},
 };
-use tincan_tests::{Mode, Peer, PeerOpts, Tracker, WAIT};
+use tincan_tests::{
+    Mode, Peer, PeerOpts, Tracker, WAIT,
+    raw::{connect_as, enroll, frame_where},
+};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 async fn connect(addr: &str, alpn: &[u8], expected: Option<PeerId>) -> Result<Connection> {
     connect_as(&Identity::generate()?, addr, alpn, expected).await
-}
-
-async fn connect_as(
-    identity: &Identity,
-    addr: &str,
-    alpn: &[u8],
-    expected: Option<PeerId>,
-) -> Result<Connection> {
-    let tls = client_config(identity, alpn, expected)?;
-    let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    let mut endpoint = Endpoint::client("127.0.0.1:0".parse()?)?;
-    endpoint.set_default_client_config(config);
-    let addr: SocketAddr = addr.parse()?;
-    let conn = tokio::time::timeout(WAIT, endpoint.connect(addr, SERVER_NAME)?)
-        .await
-        .context("handshake timed out")??;
-    Ok(conn)
 }
 
 /// Waits for the remote to close `conn` and returns its application code.
@@ -186,64 +172,6 @@ async fn peer_closes_a_connection_that_sends_garbage_and_keeps_serving() -> Resu
     Ok(())
 }
 
-type TrackerReader = FramedRead<quinn::RecvStream, Codec<FromTracker, ()>>;
-type TrackerWriter = FramedWrite<quinn::SendStream, Codec<(), ToTracker>>;
-
-/// Enrolls a hand-driven client with the real tracker protocol.
-async fn enroll_raw(
-    identity: &Identity,
-    addr: &str,
-    name: &str,
-) -> Result<(Connection, TrackerReader, TrackerWriter)> {
-    let conn = connect_as(identity, addr, ALPN_TRACKER, None).await?;
-    let (send, recv) = conn.open_bi().await?;
-    let mut reader: TrackerReader = FramedRead::new(recv, Codec::default());
-    let mut writer: TrackerWriter = FramedWrite::new(send, Codec::default());
-    writer
-        .send(ToTracker::Hello {
-            name: Name::parse(name)?,
-            version: tincan_proto::PROTOCOL_VERSION,
-            local_addrs: vec![],
-        })
-        .await?;
-    let welcome = next_frame(&mut reader).await?;
-    assert!(
-        matches!(welcome, FromTracker::Welcome { .. }),
-        "{welcome:?}"
-    );
-    writer.send(ToTracker::Thanks).await?;
-    loop {
-        if let FromTracker::ClientList { last: true, .. } = next_frame(&mut reader).await? {
-            break;
-        }
-    }
-    Ok((conn, reader, writer))
-}
-
-async fn next_frame(reader: &mut TrackerReader) -> Result<FromTracker> {
-    Ok(tokio::time::timeout(WAIT, reader.next())
-        .await
-        .context("no frame from the tracker in time")?
-        .context("tracker stream ended")??)
-}
-
-/// Reads frames until one matches `pred` (skipping presence and the like).
-async fn frame_where(
-    reader: &mut TrackerReader,
-    what: &str,
-    mut pred: impl FnMut(&FromTracker) -> bool,
-) -> Result<FromTracker> {
-    for _ in 0..1000 {
-        let frame = next_frame(reader)
-            .await
-            .with_context(|| format!("waiting for {what}"))?;
-        if pred(&frame) {
-            return Ok(frame);
-        }
-    }
-    bail!("no {what} within 1000 frames")
-}
-
 #[tokio::test]
 async fn tampered_or_forged_held_messages_are_refused_and_never_shown() -> Result<()> {
     let tracker = Tracker::start().await?;
@@ -257,7 +185,7 @@ async fn tampered_or_forged_held_messages_are_refused_and_never_shown() -> Resul
 
     // mallory speaks the tracker protocol by hand.
     let mallory = Identity::generate()?;
-    let (_conn, mut reader, mut writer) = enroll_raw(&mallory, &tracker.addr, "mallory").await?;
+    let (_conn, mut reader, mut writer) = enroll(&mallory, &tracker.addr, "mallory").await?;
     writer
         .send(ToTracker::SealKeyOf {
             req: 1,

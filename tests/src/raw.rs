@@ -1,0 +1,94 @@
+//! A hand-driven client of the real tracker protocol (real QUIC, a real
+//! identity), for tests that play a hostile or unusual peer.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use quinn::{Connection, Endpoint, crypto::rustls::QuicClientConfig};
+use tincan_proto::{
+    ALPN_TRACKER, Codec, Name, PeerId,
+    tls::{Identity, SERVER_NAME, client_config},
+    tracker::{FromTracker, ToTracker},
+};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::WAIT;
+
+pub type TrackerReader = FramedRead<quinn::RecvStream, Codec<FromTracker, ()>>;
+pub type TrackerWriter = FramedWrite<quinn::SendStream, Codec<(), ToTracker>>;
+
+/// Connects to `addr` with `identity`, speaking `alpn`, accepting only
+/// `expected` as the server's key (any key when `None`).
+pub async fn connect_as(
+    identity: &Identity,
+    addr: &str,
+    alpn: &[u8],
+    expected: Option<PeerId>,
+) -> Result<Connection> {
+    let tls = client_config(identity, alpn, expected)?;
+    let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    let mut endpoint = Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(config);
+    let addr: SocketAddr = addr.parse()?;
+    let conn = tokio::time::timeout(WAIT, endpoint.connect(addr, SERVER_NAME)?)
+        .await
+        .context("handshake timed out")??;
+    Ok(conn)
+}
+
+/// Enrolls `name` with the real tracker protocol; returns the connection
+/// and its control stream.
+pub async fn enroll(
+    identity: &Identity,
+    addr: &str,
+    name: &str,
+) -> Result<(Connection, TrackerReader, TrackerWriter)> {
+    let conn = connect_as(identity, addr, ALPN_TRACKER, None).await?;
+    let (send, recv) = conn.open_bi().await?;
+    let mut reader: TrackerReader = FramedRead::new(recv, Codec::default());
+    let mut writer: TrackerWriter = FramedWrite::new(send, Codec::default());
+    writer
+        .send(ToTracker::Hello {
+            name: Name::parse(name)?,
+            version: tincan_proto::PROTOCOL_VERSION,
+            local_addrs: vec![],
+        })
+        .await?;
+    let welcome = next_frame(&mut reader).await?;
+    if !matches!(welcome, FromTracker::Welcome { .. }) {
+        bail!("expected Welcome, got {welcome:?}");
+    }
+    writer.send(ToTracker::Thanks).await?;
+    loop {
+        if let FromTracker::ClientList { last: true, .. } = next_frame(&mut reader).await? {
+            break;
+        }
+    }
+    Ok((conn, reader, writer))
+}
+
+/// The next frame from the tracker (within [`WAIT`]).
+pub async fn next_frame(reader: &mut TrackerReader) -> Result<FromTracker> {
+    Ok(tokio::time::timeout(WAIT, reader.next())
+        .await
+        .context("no frame from the tracker in time")?
+        .context("tracker stream ended")??)
+}
+
+/// Reads frames until one matches `pred` (skipping presence and the like).
+pub async fn frame_where(
+    reader: &mut TrackerReader,
+    what: &str,
+    mut pred: impl FnMut(&FromTracker) -> bool,
+) -> Result<FromTracker> {
+    for _ in 0..1000 {
+        let frame = next_frame(reader)
+            .await
+            .with_context(|| format!("waiting for {what}"))?;
+        if pred(&frame) {
+            return Ok(frame);
+        }
+    }
+    bail!("no {what} within 1000 frames")
+}
