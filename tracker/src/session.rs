@@ -14,7 +14,13 @@ use tincan_proto::{
         RejectReason, SealKeyEntry, ToTracker,
     },
 };
-use tokio::{sync::broadcast::error::RecvError, time::timeout};
+use tokio::{
+    sync::broadcast::{
+        self,
+        error::{RecvError, TryRecvError},
+    },
+    time::timeout,
+};
 use tokio_util::{
     codec::{FramedRead, FramedWrite},
     sync::CancellationToken,
@@ -23,13 +29,19 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::{
     mailbox::Mailbox,
-    registry::{JoinError, Registry},
+    registry::{JoinError, PresenceEvent, Registry, SessionId},
     relay::{Relay, punch_delays, serve_circuit},
     store::{NameStore, now_secs},
 };
 
 /// Longest wait for each enrollment step (handshake, Hello, Thanks).
 pub const ENROLL_STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Presence changes for one peer are gathered for this long and then written
+/// with one flush. Without it, N peers joining cost N × N packets (one per
+/// change per online peer) and as many task wake-ups; with it, at most one
+/// packet burst per online peer per window, whatever the join rate. It is
+/// also the most a presence change is delayed.
+pub const PRESENCE_COALESCE: Duration = Duration::from_millis(200);
 /// Longest a write to one peer may block before the peer is dropped as a laggard.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After Reject or Goodbye, how long the tracker waits for the peer to close
@@ -270,6 +282,9 @@ impl Session {
         }
 
         let mut presence = joined.presence;
+        // The first change of the current coalescing window, and when it ends.
+        let mut pending = None;
+        let mut flush_at: Option<tokio::time::Instant> = None;
         let replaced = joined.replaced;
         let mut inbox = joined.inbox;
         // Relay circuits this peer asked for; they end with the session.
@@ -301,15 +316,20 @@ impl Session {
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(End::Eof),
                 },
-                event = presence.recv() => match event {
-                    Ok(event) if event.origin == joined.session => {}
-                    Ok(event) => self.write_encoded(&mut writer, event.frame).await?,
-                    Err(RecvError::Lagged(n)) => {
-                        warn!(missed = n, "peer fell behind on presence");
-                        return Err(End::Lagging);
+                // Presence is coalesced: the first change opens a window of
+                // PRESENCE_COALESCE during which this task does not wake for
+                // presence at all; then everything queued goes out in one flush.
+                event = presence.recv(), if flush_at.is_none() => {
+                    flush_at = Some(tokio::time::Instant::now() + PRESENCE_COALESCE);
+                    pending = Some(event);
+                }
+                () = sleep_until_or_never(flush_at), if flush_at.is_some() => {
+                    flush_at = None;
+                    if let Some(first) = pending.take() {
+                        self.forward_presence(&mut writer, &mut presence, joined.session, first)
+                            .await?;
                     }
-                    Err(RecvError::Closed) => return Err(End::Shutdown),
-                },
+                }
                 Some(frame) = inbox.recv() => self.write(&mut writer, frame).await?,
                 stream = self.conn.accept_bi() => {
                     let (send, recv) = stream?;
@@ -490,15 +510,50 @@ impl Session {
         }
     }
 
-    async fn write_encoded(
+    /// Forwards `first` and every change queued behind it with a single
+    /// flush: one QUIC write (and usually one packet) per peer per
+    /// [`PRESENCE_COALESCE`] window, however many peers joined in it.
+    async fn forward_presence(
         &self,
         writer: &mut Writer,
-        frame: Encoded<FromTracker>,
+        presence: &mut broadcast::Receiver<PresenceEvent>,
+        me: SessionId,
+        first: Result<PresenceEvent, RecvError>,
     ) -> Result<(), End> {
-        match timeout(WRITE_TIMEOUT, writer.send(frame)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(End::Lagging),
+        let mut next = Some(first);
+        let mut fed = 0;
+        while let Some(event) = next.take() {
+            match event {
+                Ok(event) if event.origin == me => {}
+                Ok(event) => {
+                    match timeout(WRITE_TIMEOUT, writer.feed(event.frame)).await {
+                        Ok(result) => result?,
+                        Err(_) => return Err(End::Lagging),
+                    }
+                    fed += 1;
+                }
+                Err(RecvError::Lagged(n)) => {
+                    warn!(missed = n, "peer fell behind on presence");
+                    return Err(End::Lagging);
+                }
+                Err(RecvError::Closed) => return Err(End::Shutdown),
+            }
+            // Bounded by PRESENCE_BACKLOG: past it the receiver reports Lagged.
+            next = match presence.try_recv() {
+                Ok(event) => Some(Ok(event)),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+            };
         }
+        if fed > 0 {
+            let flush = SinkExt::<Encoded<FromTracker>>::flush(writer);
+            match timeout(WRITE_TIMEOUT, flush).await {
+                Ok(result) => result?,
+                Err(_) => return Err(End::Lagging),
+            }
+        }
+        Ok(())
     }
 
     /// Sends the last frame, then gives the peer [`LINGER`] to read it and
@@ -523,6 +578,14 @@ impl Session {
         self.finish(writer, FromTracker::Goodbye).await?;
         self.conn.close(close::NORMAL.into(), b"goodbye");
         Ok(())
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,0 +1,637 @@
+//! The figures, in order, each measured beside its raw-quinn baseline in the
+//! same run: direct_rtt, direct_throughput (two nodes in this process),
+//! tracker_enroll, tracker_memory, tracker_idle_cpu (a real `tracker` process
+//! against a bare quinn server process, loaded by the swarm in this process),
+//! presence_scaling (a fresh tracker per size), and relay_throughput (not
+//! measurable until relaying exists).
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use tincan_proto::{PeerId, tls::Identity};
+
+use crate::{
+    BenchError,
+    direct::{self, NodePair},
+    procs::{self, Server, Usage},
+    quic::QuicError,
+    report::{Goal, Report, Target, bytes, us},
+    swarm::{self, Enrollment, PeerReport, Swarm},
+};
+
+/// Growth of per-peer presence bytes allowed when N doubles ("at most ~doubles").
+pub const PRESENCE_GROWTH_TARGET: f64 = 2.1;
+
+/// What to run, and how big.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Simulated peers for tracker_enroll, tracker_memory, tracker_idle_cpu.
+    pub peers: usize,
+    /// Sizes for presence_scaling, each double the one before.
+    pub presence_sizes: Vec<usize>,
+    /// Enrollments in flight at once (same for tracker and bare server).
+    pub concurrency: usize,
+    pub rtt_messages: usize,
+    pub rtt_warmup: usize,
+    pub tput_messages: usize,
+    pub raw_tput_messages: usize,
+    /// Wait after enrolling before reading memory.
+    pub settle: Duration,
+    /// Window over which idle CPU is measured.
+    pub idle: Duration,
+    /// Give up on an enrollment or presence phase after this long.
+    pub deadline: Duration,
+    pub tracker_bin: PathBuf,
+    /// This executable, for `bare-server`.
+    pub bench_bin: PathBuf,
+    /// Which groups of figures to run (all by default).
+    pub groups: Groups,
+}
+
+/// Groups of figures that can be run on their own while investigating.
+#[derive(Debug, Clone, Copy)]
+pub struct Groups {
+    /// direct_rtt, direct_throughput
+    pub direct: bool,
+    /// tracker_enroll, tracker_memory, tracker_idle_cpu
+    pub tracker: bool,
+    /// presence_scaling
+    pub presence: bool,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        Self {
+            direct: true,
+            tracker: true,
+            presence: true,
+        }
+    }
+}
+
+impl Options {
+    pub fn full(peers: usize, tracker_bin: PathBuf, bench_bin: PathBuf) -> Self {
+        Self {
+            peers,
+            presence_sizes: vec![1_000, 2_000, 4_000],
+            concurrency: 64,
+            rtt_messages: 10_000,
+            rtt_warmup: 200,
+            tput_messages: 100_000,
+            raw_tput_messages: 1_000_000,
+            settle: Duration::from_secs(2),
+            idle: Duration::from_secs(6),
+            deadline: Duration::from_secs(240),
+            tracker_bin,
+            bench_bin,
+            groups: Groups::default(),
+        }
+    }
+
+    /// A tiny run that proves every figure works, in well under a minute.
+    pub fn smoke(tracker_bin: PathBuf, bench_bin: PathBuf) -> Self {
+        Self {
+            peers: 200,
+            presence_sizes: vec![50, 100, 200],
+            rtt_messages: 500,
+            rtt_warmup: 20,
+            tput_messages: 500,
+            raw_tput_messages: 5_000,
+            settle: Duration::from_millis(500),
+            idle: Duration::from_secs(3),
+            deadline: Duration::from_secs(60),
+            ..Self::full(200, tracker_bin, bench_bin)
+        }
+    }
+}
+
+/// Runs every figure and returns the report (goal lines last).
+pub async fn run(opts: &Options) -> Result<Report, BenchError> {
+    let tmp = tempfile::tempdir()?;
+    let mut report = Report::default();
+    report.note(format!(
+        "machine: {} CPUs; tracker and bare server are separate processes, the load generator \
+         (simulated peers, nodes) is this process; all share the same CPUs (no pinning), and \
+         each phase says how much CPU each side used",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    ));
+    if opts.groups.direct {
+        direct_figures(opts, tmp.path(), &mut report).await?;
+    }
+    if opts.groups.tracker {
+        tracker_figures(opts, tmp.path(), &mut report).await?;
+    }
+    if opts.groups.presence {
+        presence_figures(opts, tmp.path(), &mut report).await?;
+    }
+    report.row(
+        "relay_throughput",
+        "n/a".into(),
+        "n/a".into(),
+        "relaying not built".into(),
+    );
+    report.note(
+        "relay_throughput: relaying does not exist yet (every path is direct), so there is \
+         nothing to measure; the goal is printed as n/a and short until it does"
+            .into(),
+    );
+    report.goal(Goal {
+        name: "relay_throughput",
+        measured: None,
+        unit: "",
+        target: Target::AtLeast(0.5),
+        incomplete: false,
+    });
+    Ok(report)
+}
+
+async fn start_tracker(
+    opts: &Options,
+    dir: &Path,
+    label: &str,
+    max_peers: usize,
+) -> Result<(Server, PeerId), BenchError> {
+    let data = dir.join(label);
+    let args = vec![
+        "--listen".to_string(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--max-peers".into(),
+        max_peers.max(tincan_tracker::DEFAULT_MAX_PEERS).to_string(),
+    ];
+    let log = dir.join(format!("{label}.log"));
+    let server = Server::start(
+        &opts.tracker_bin,
+        &args,
+        &log,
+        "tracker listening on ",
+        Some("tracker key "),
+    )
+    .await?;
+    let key = server
+        .key
+        .as_deref()
+        .and_then(|k| PeerId::from_hex(k).ok())
+        .ok_or_else(|| BenchError::Protocol("tracker printed no usable key".into()))?;
+    Ok((server, key))
+}
+
+async fn direct_figures(opts: &Options, dir: &Path, report: &mut Report) -> Result<(), BenchError> {
+    let raw = direct::raw_rtt(opts.rtt_messages, opts.rtt_warmup).await?;
+    let (tracker, key) = start_tracker(opts, dir, "direct-tracker", 0).await?;
+    let mut pair = NodePair::start(tracker.addr, key, &dir.join("nodes")).await?;
+    let tin = pair.rtt(opts.rtt_messages, opts.rtt_warmup).await?;
+    let raw_rate = direct::raw_throughput(opts.raw_tput_messages).await?;
+    let tin_rate = pair.throughput(opts.tput_messages).await?;
+    let shown = pair.stop().await;
+    tracker.stop().await;
+
+    let (t50, r50) = (tin.percentile(50.0), raw.percentile(50.0));
+    let (t99, r99) = (tin.percentile(99.0), raw.percentile(99.0));
+    let ratio = t50.as_secs_f64() / r50.as_secs_f64().max(f64::EPSILON);
+    report.row("direct_rtt p50", us(t50), us(r50), format!("{ratio:.2}"));
+    report.row(
+        "direct_rtt p99",
+        us(t99),
+        us(r99),
+        format!(
+            "{:.2}",
+            t99.as_secs_f64() / r99.as_secs_f64().max(f64::EPSILON)
+        ),
+    );
+    report.result("direct_rtt_p50_us", t50.as_secs_f64() * 1e6);
+    report.result("direct_rtt_p99_us", t99.as_secs_f64() * 1e6);
+    report.result("raw_rtt_p50_us", r50.as_secs_f64() * 1e6);
+    report.result("raw_rtt_p99_us", r99.as_secs_f64() * 1e6);
+    report.note(format!(
+        "direct_rtt: two tincan Nodes in this process (alice → bob, direct link over loopback, \
+         tracker in its own process), {} sequential {}-byte messages, send() → Delivered event; \
+         raw: quinn {}-byte echo on one long-lived stream between two endpoints in this process, \
+         same TLS",
+        opts.rtt_messages,
+        direct::RTT_PAYLOAD,
+        direct::RTT_PAYLOAD
+    ));
+    report.goal(Goal {
+        name: "direct_rtt",
+        measured: Some(ratio),
+        unit: "",
+        target: Target::AtMost(1.25),
+        incomplete: false,
+    });
+
+    let ratio = tin_rate / raw_rate.max(f64::EPSILON);
+    report.row(
+        "direct_throughput msg/s",
+        format!("{tin_rate:.0}"),
+        format!("{raw_rate:.0}"),
+        format!("{ratio:.3}"),
+    );
+    report.result("direct_throughput_msgs", tin_rate);
+    report.result("raw_throughput_msgs", raw_rate);
+    report.note(format!(
+        "direct_throughput: {} pipelined {}-byte messages alice → bob, each acknowledged \
+         (bob was shown {shown} messages in all); the peer stores no history yet, so nothing is \
+         persisted; raw: {} postcard ToReceiver::Msg frames with a {}-byte body written in \
+         {} KiB batches on one stream, each decoded by the receiver, one reply at the end \
+         ({:.0} MiB/s of frames)",
+        opts.tput_messages,
+        direct::TPUT_BODY,
+        opts.raw_tput_messages,
+        direct::TPUT_BODY,
+        direct::RAW_BATCH_BYTES / 1024,
+        raw_rate * (direct::TPUT_BODY + 4 + 1 + 16 + 5 + 1) as f64 / (1024.0 * 1024.0)
+    ));
+    report.goal(Goal {
+        name: "direct_throughput",
+        measured: Some(ratio),
+        unit: "",
+        target: Target::AtLeast(0.25),
+        incomplete: false,
+    });
+    Ok(())
+}
+
+/// CPU and wall time of one phase, for "how CPU was shared".
+struct Phase {
+    wall: Instant,
+    server: Usage,
+    own: Usage,
+}
+
+impl Phase {
+    fn begin(server: &Server) -> Result<Self, BenchError> {
+        Ok(Self {
+            wall: Instant::now(),
+            server: server.usage()?,
+            own: Usage::own()?,
+        })
+    }
+
+    /// (wall seconds, server cores, load generator cores)
+    fn end(&self, server: &Server) -> Result<(f64, f64, f64), BenchError> {
+        let wall = self.wall.elapsed().as_secs_f64().max(f64::EPSILON);
+        let s = server.usage()?.cpu_secs - self.server.cpu_secs;
+        let o = Usage::own()?.cpu_secs - self.own.cpu_secs;
+        Ok((wall, s / wall, o / wall))
+    }
+}
+
+/// What one server (tracker or bare) did with `n` simulated peers.
+struct Served {
+    enrollment: Enrollment,
+    /// (wall, server cores, load generator cores) while enrolling.
+    enroll_cpu: (f64, f64, f64),
+    /// Presence fan-out finished this long after the last enrollment.
+    presence_drain: Option<Duration>,
+    rss_before: u64,
+    rss_held: u64,
+    /// (server cores, load generator cores) while idle.
+    idle_cpu: (f64, f64),
+    /// Datagrams the kernel dropped at the server's socket while enrolling.
+    server_drops: u64,
+    reports: Vec<PeerReport>,
+}
+
+async fn serve_swarm(
+    opts: &Options,
+    server: &Server,
+    configs: Vec<quinn::ClientConfig>,
+    target: swarm::Target,
+) -> Result<Served, BenchError> {
+    let n = configs.len();
+    let rss_before = server.usage()?.rss_bytes;
+    let drops = || procs::udp_drops(server.addr.port()).unwrap_or(0);
+    let drops_before = drops();
+    let phase = Phase::begin(server)?;
+    let (swarm, enrollment) = Swarm::enroll(
+        configs,
+        server.addr,
+        target,
+        opts.concurrency,
+        opts.deadline,
+    )
+    .await?;
+    let enroll_cpu = phase.end(server)?;
+    let server_drops = drops().saturating_sub(drops_before);
+    let presence_drain = match target {
+        swarm::Target::Tracker { .. } => {
+            let t = Instant::now();
+            let expected =
+                (enrollment.enrolled as u64) * (enrollment.enrolled as u64).saturating_sub(1) / 2;
+            swarm
+                .wait_presence(expected, opts.deadline)
+                .await
+                .then(|| t.elapsed())
+        }
+        swarm::Target::Bare => None,
+    };
+    tokio::time::sleep(opts.settle).await;
+    let rss_held = server.usage()?.rss_bytes;
+    let phase = Phase::begin(server)?;
+    tokio::time::sleep(opts.idle).await;
+    let (_, idle_server, idle_own) = phase.end(server)?;
+    let reports = swarm.stop().await;
+    tracing::info!(n, enrolled = enrollment.enrolled, "swarm stopped");
+    Ok(Served {
+        enrollment,
+        enroll_cpu,
+        presence_drain,
+        rss_before,
+        rss_held,
+        idle_cpu: (idle_server, idle_own),
+        server_drops,
+        reports,
+    })
+}
+
+fn identities(n: usize) -> Result<Vec<Identity>, BenchError> {
+    (0..n)
+        .map(|_| Identity::generate().map_err(|e| QuicError::from(e).into()))
+        .collect()
+}
+
+async fn tracker_figures(
+    opts: &Options,
+    dir: &Path,
+    report: &mut Report,
+) -> Result<(), BenchError> {
+    let n = opts.peers;
+    let t = Instant::now();
+    let ids = identities(n)?;
+    tracing::info!(n, took = ?t.elapsed(), "identities generated");
+
+    let bare_args = vec![
+        "bare-server".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    let bare = Server::start(
+        &opts.bench_bin,
+        &bare_args,
+        &dir.join("bare.log"),
+        "bare listening on ",
+        None,
+    )
+    .await?;
+    let configs = swarm::client_configs(&ids, swarm::Target::Bare)?;
+    let base = serve_swarm(opts, &bare, configs, swarm::Target::Bare).await?;
+    bare.stop().await;
+
+    let (tracker, key) = start_tracker(opts, dir, "enroll-tracker", n).await?;
+    let target = swarm::Target::Tracker { key };
+    let configs = swarm::client_configs(&ids, target)?;
+    let tin = serve_swarm(opts, &tracker, configs, target).await?;
+    tracker.stop().await;
+
+    // tracker_enroll
+    let (tr, br) = (tin.enrollment.rate(), base.enrollment.rate());
+    // An incomplete run (deadline, failures) still gives the rate it
+    // reached; it is said so in a note and can only be short.
+    let complete = tin.enrollment.enrolled == n;
+    let ratio = tr / br.max(f64::EPSILON);
+    if !complete {
+        report.note(format!(
+            "tracker_enroll is INCOMPLETE: {} of {n} peers enrolled before the deadline or \
+             failed; the ratio is the rate reached until then, and the goal is short",
+            tin.enrollment.enrolled
+        ));
+    }
+    report.row(
+        &format!("tracker_enroll /s (N={n})"),
+        format!("{tr:.0}"),
+        format!("{br:.0}"),
+        format!("{ratio:.2}"),
+    );
+    let lat = |e: &Enrollment, p| us(crate::report::percentile(&e.latencies, p));
+    report.row(
+        "  enroll latency p50",
+        lat(&tin.enrollment, 50.0),
+        lat(&base.enrollment, 50.0),
+        String::new(),
+    );
+    report.result("tracker_enroll_per_s", tr);
+    report.result("bare_handshake_per_s", br);
+    for (who, s) in [("tracker", &tin), ("bare server", &base)] {
+        let (wall, server, own) = s.enroll_cpu;
+        report.note(format!(
+            "enroll phase, {who}: {}/{n} enrolled ({} failed{}) in {wall:.2} s, {} at a time; CPU: \
+             server {server:.2} cores, load generator {own:.2} cores; kernel dropped {} datagrams \
+             at the server's socket (receive buffer full); enroll latency p90 {}, max {}",
+            s.enrollment.enrolled,
+            s.enrollment.failed,
+            s.enrollment
+                .first_error
+                .as_deref()
+                .map(|e| format!(", first error: {e}"))
+                .unwrap_or_default(),
+            opts.concurrency,
+            s.server_drops,
+            us(crate::report::percentile(&s.enrollment.latencies, 90.0)),
+            us(crate::report::percentile(&s.enrollment.latencies, 100.0)),
+        ));
+    }
+    let list_bytes: u64 = tin.reports.iter().map(|r| r.list_bytes).sum();
+    let presence_bytes: u64 = tin.reports.iter().map(|r| r.presence_bytes).sum();
+    report.note(format!(
+        "tracker_enroll counts a peer enrolled when its last ClientList page arrives; baseline: \
+         handshake + a one-byte exchange on a stream with the bare server. Bringing N={n} peers \
+         online moved {} of client lists ({} per enrollment) and {} of presence deltas to the \
+         load generator; presence fan-out finished {} after the last enrollment",
+        bytes(list_bytes as f64),
+        bytes(list_bytes as f64 / n.max(1) as f64),
+        bytes(presence_bytes as f64),
+        tin.presence_drain
+            .map(|d| format!("{:.2} s", d.as_secs_f64()))
+            .unwrap_or_else(|| "NOT (deadline)".into()),
+    ));
+    let dropped = tin.reports.iter().filter(|r| r.dropped.is_some()).count();
+    if let Some(reason) = tin.reports.iter().find_map(|r| r.dropped.clone()) {
+        report.note(format!(
+            "tracker dropped or failed {dropped} simulated peers; first reason: {reason}"
+        ));
+    }
+    report.goal(Goal {
+        name: "tracker_enroll",
+        measured: Some(ratio),
+        unit: "",
+        target: Target::AtLeast(0.8),
+        incomplete: !complete,
+    });
+
+    // tracker_memory
+    let per = |s: &Served| s.rss_held.saturating_sub(s.rss_before) as f64 / n.max(1) as f64;
+    let (tm, bm) = (per(&tin), per(&base));
+    let ratio = tm / bm.max(f64::EPSILON);
+    report.row(
+        "tracker_memory / peer",
+        bytes(tm),
+        bytes(bm),
+        format!("{ratio:.2}"),
+    );
+    report.result("tracker_rss_per_peer_bytes", tm);
+    report.result("bare_rss_per_conn_bytes", bm);
+    report.note(format!(
+        "tracker_memory: (VmRSS with N held − VmRSS before) / N; tracker {} → {}, bare server {} → {}",
+        bytes(tin.rss_before as f64),
+        bytes(tin.rss_held as f64),
+        bytes(base.rss_before as f64),
+        bytes(base.rss_held as f64)
+    ));
+    report.goal(Goal {
+        name: "tracker_memory",
+        measured: Some(ratio),
+        unit: "",
+        target: Target::AtMost(1.3),
+        incomplete: false,
+    });
+
+    // tracker_idle_cpu
+    let (ti, ls) = tin.idle_cpu;
+    let (bi, _) = base.idle_cpu;
+    report.row(
+        &format!("tracker_idle_cpu (N={n})"),
+        format!("{:.2} %", ti * 100.0),
+        format!("{:.2} %", bi * 100.0),
+        format!("{:.2}", ti / bi.max(f64::EPSILON)),
+    );
+    report.result("tracker_idle_cpu_pct", ti * 100.0);
+    report.result("bare_idle_cpu_pct", bi * 100.0);
+    report.note(format!(
+        "tracker_idle_cpu: % of one core over {:.0} s with N={n} idle peers sending keep-alives \
+         every {:?} (load generator used {:.2} cores meanwhile)",
+        opts.idle.as_secs_f64(),
+        tincan_peer::net::KEEP_ALIVE,
+        ls
+    ));
+    report.goal(Goal {
+        name: "tracker_idle_cpu",
+        measured: Some(ti * 100.0),
+        unit: "%",
+        target: Target::Report,
+        incomplete: false,
+    });
+    Ok(())
+}
+
+/// Per-peer bytes at one size.
+struct PresenceAt {
+    n: usize,
+    delta_per_peer: f64,
+    list_per_peer: f64,
+    classic_per_peer: f64,
+    complete: bool,
+    dropped: usize,
+}
+
+async fn presence_figures(
+    opts: &Options,
+    dir: &Path,
+    report: &mut Report,
+) -> Result<(), BenchError> {
+    let largest = opts.presence_sizes.iter().copied().max().unwrap_or(0);
+    let ids = identities(largest)?;
+    let mut at = Vec::new();
+    for &n in &opts.presence_sizes {
+        let (tracker, key) = start_tracker(opts, dir, &format!("presence-{n}"), n).await?;
+        let target = swarm::Target::Tracker { key };
+        let configs = swarm::client_configs(&ids[..n], target)?;
+        let phase = Phase::begin(&tracker)?;
+        let (swarm, enrollment) = Swarm::enroll(
+            configs,
+            tracker.addr,
+            target,
+            opts.concurrency,
+            opts.deadline,
+        )
+        .await?;
+        let m = enrollment.enrolled as u64;
+        let complete = swarm
+            .wait_presence(m * m.saturating_sub(1) / 2, opts.deadline)
+            .await;
+        let (wall, server, own) = phase.end(&tracker)?;
+        let reports = swarm.stop().await;
+        tracker.stop().await;
+
+        let count = reports.len().max(1) as f64;
+        let list: u64 = reports.iter().map(|r| r.list_bytes).sum();
+        let entries: u64 = reports.iter().map(|r| r.list_entries).sum();
+        let delta: u64 = reports.iter().map(|r| r.presence_bytes).sum();
+        let frames: u64 = reports.iter().map(|r| r.presence_frames).sum();
+        // Classic: every join sends the whole list (k entries) to the k-1
+        // peers already online: Σ k(k-1) entries = (n-1)n(n+1)/3, over n peers.
+        let entry = list as f64 / entries.max(1) as f64;
+        let nf = n as f64;
+        let classic = entry * (nf - 1.0) * (nf + 1.0) / 3.0;
+        let p = PresenceAt {
+            n,
+            delta_per_peer: delta as f64 / count,
+            list_per_peer: list as f64 / count,
+            classic_per_peer: classic + list as f64 / count,
+            complete,
+            dropped: reports.iter().filter(|r| r.dropped.is_some()).count(),
+        };
+        report.note(format!(
+            "presence N={n}: {} enrolled, per peer {} of deltas ({:.1} frames of {:.1} B) + {} of \
+             client list ({entry:.1} B per entry); the classic full-list broadcast would cost {} \
+             per peer; deltas {}; {} peers dropped; {wall:.2} s, tracker {server:.2} cores, \
+             load generator {own:.2} cores",
+            enrollment.enrolled,
+            bytes(p.delta_per_peer),
+            frames as f64 / count,
+            delta as f64 / frames.max(1) as f64,
+            bytes(p.list_per_peer),
+            bytes(p.classic_per_peer),
+            if complete {
+                "all delivered"
+            } else {
+                "NOT all delivered"
+            },
+            p.dropped,
+        ));
+        report.row(
+            &format!("presence bytes/peer N={n}"),
+            bytes(p.delta_per_peer + p.list_per_peer),
+            format!("classic {}", bytes(p.classic_per_peer)),
+            format!("deltas {}", bytes(p.delta_per_peer)),
+        );
+        report.result(
+            &format!("presence_delta_bytes_per_peer_{n}"),
+            p.delta_per_peer,
+        );
+        report.result(
+            &format!("presence_list_bytes_per_peer_{n}"),
+            p.list_per_peer,
+        );
+        report.result(
+            &format!("presence_classic_bytes_per_peer_{n}"),
+            p.classic_per_peer,
+        );
+        at.push(p);
+    }
+    // Largest growth of (deltas + list) per peer from one size to the next,
+    // normalised to a doubling.
+    let growth = at
+        .windows(2)
+        .map(|w| {
+            let a = w[0].delta_per_peer + w[0].list_per_peer;
+            let b = w[1].delta_per_peer + w[1].list_per_peer;
+            let doublings = (w[1].n as f64 / w[0].n as f64).log2().max(f64::EPSILON);
+            (b / a.max(f64::EPSILON)).powf(1.0 / doublings)
+        })
+        .fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.max(g))));
+    let sound = at.iter().all(|p| p.complete && p.dropped == 0);
+    report.goal(Goal {
+        name: "presence_scaling",
+        measured: growth,
+        unit: "",
+        target: Target::AtMost(PRESENCE_GROWTH_TARGET),
+        incomplete: !sound,
+    });
+    Ok(())
+}

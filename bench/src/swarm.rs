@@ -1,0 +1,469 @@
+//! The load generator: simulated peers over real QUIC. In tracker mode each
+//! one is a full tincan client as far as the tracker can tell (its own
+//! Ed25519 identity and TLS client certificate, Hello → Welcome → Thanks →
+//! every `ClientList` page), and it keeps reading presence frames for as long
+//! as it is held, as a real peer must or be dropped as a laggard. In bare
+//! mode it does a handshake and a one-byte exchange with the bare server.
+//!
+//! Enrollment is closed-loop: at most `concurrency` peers are between
+//! "connect" and "enrolled" at once, the same for both servers.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use tincan_proto::{
+    Codec, Name, PROTOCOL_VERSION, PeerId,
+    codec::{decode, length_delimited},
+    tls::{Identity, SERVER_NAME},
+    tracker::{FromTracker, ToTracker},
+};
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+    time::timeout,
+};
+use tokio_util::{
+    codec::{FramedRead, FramedWrite, LengthDelimitedCodec},
+    sync::CancellationToken,
+};
+
+use crate::{BenchError, quic};
+
+/// Client endpoints (UDP sockets) the simulated peers are spread over, so
+/// that the load generator's packet handling is not one task on one core.
+pub const CLIENT_ENDPOINTS: usize = 4;
+/// Longest wait for any one enrollment step under load.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes of the length prefix in front of every tincan frame.
+pub const LENGTH_PREFIX: u64 = 4;
+
+/// Which server the swarm talks to.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    /// The real tracker, whose key the peers pin.
+    Tracker { key: PeerId },
+    /// The bare quinn server.
+    Bare,
+}
+
+/// Totals the peers update as they go (relaxed atomics: read after the fact).
+#[derive(Default)]
+pub struct Counters {
+    pub presence_frames: AtomicU64,
+    pub presence_bytes: AtomicU64,
+    pub list_bytes: AtomicU64,
+    pub list_entries: AtomicU64,
+    /// Peers whose connection ended before the swarm was stopped.
+    pub dropped: AtomicUsize,
+}
+
+/// What one held peer saw, returned when the swarm stops.
+#[derive(Debug, Default, Clone)]
+pub struct PeerReport {
+    pub list_bytes: u64,
+    pub list_entries: u64,
+    pub presence_bytes: u64,
+    pub presence_frames: u64,
+    /// Why the peer's connection ended early, if it did.
+    pub dropped: Option<String>,
+}
+
+/// How the enrollment phase went.
+#[derive(Debug)]
+pub struct Enrollment {
+    pub enrolled: usize,
+    pub failed: usize,
+    /// From the first connect to the last completed enrollment.
+    pub elapsed: Duration,
+    /// Per-peer time from connect to enrolled, sorted.
+    pub latencies: Vec<Duration>,
+    pub first_error: Option<String>,
+}
+
+impl Enrollment {
+    pub fn rate(&self) -> f64 {
+        self.enrolled as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON)
+    }
+}
+
+/// Simulated peers, each held by a task this swarm owns.
+pub struct Swarm {
+    pub counters: Arc<Counters>,
+    endpoints: Vec<Endpoint>,
+    tasks: JoinSet<PeerReport>,
+    cancel: CancellationToken,
+}
+
+type Reader = FramedRead<RecvStream, LengthDelimitedCodec>;
+type Writer = FramedWrite<SendStream, Codec<(), ToTracker>>;
+
+/// Pre-built client configurations, one per identity, so that key and
+/// certificate generation is not part of any timing.
+pub fn client_configs(
+    identities: &[Identity],
+    target: Target,
+) -> Result<Vec<quinn::ClientConfig>, BenchError> {
+    identities
+        .iter()
+        .map(|id| {
+            Ok(match target {
+                Target::Tracker { key } => {
+                    quic::client_config(id, tincan_proto::ALPN_TRACKER, Some(key))?
+                }
+                Target::Bare => quic::client_config(id, quic::ALPN_BARE, None)?,
+            })
+        })
+        .collect()
+}
+
+impl Swarm {
+    /// Enrolls one peer per configuration with the server at `server`, at
+    /// most `concurrency` at a time, giving up on the rest after `deadline`.
+    /// Enrolled peers stay connected (and reading) until [`Swarm::stop`].
+    pub async fn enroll(
+        configs: Vec<quinn::ClientConfig>,
+        server: SocketAddr,
+        target: Target,
+        concurrency: usize,
+        deadline: Duration,
+    ) -> Result<(Self, Enrollment), BenchError> {
+        let endpoints = (0..CLIENT_ENDPOINTS)
+            .map(|_| quic::client_endpoint())
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = configs.len();
+        let counters = Arc::new(Counters::default());
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+        let (done_tx, mut done_rx) = mpsc::channel::<Result<Duration, String>>(n.max(1));
+        let latencies = Arc::new(Mutex::new(Vec::with_capacity(n)));
+
+        let start = Instant::now();
+        let stop_at = tokio::time::Instant::now() + deadline;
+        let mut configs = configs.into_iter().enumerate();
+        let mut pending = configs.len();
+        let (mut enrolled, mut failed, mut first_error) = (0, 0, None);
+        let mut last_done = start;
+        while enrolled + failed < n {
+            tokio::select! {
+                permit = gate.clone().acquire_owned(), if pending > 0 => {
+                    let Ok(permit) = permit else { break };
+                    let Some((i, config)) = configs.next() else { break };
+                    pending -= 1;
+                    let endpoint = endpoints[i % endpoints.len()].clone();
+                    let peer = SimPeer {
+                        index: i,
+                        server,
+                        target,
+                        counters: counters.clone(),
+                        cancel: cancel.clone(),
+                    };
+                    let done = done_tx.clone();
+                    tasks.spawn(async move {
+                        let began = Instant::now();
+                        match peer.enroll(&endpoint, config).await {
+                            Ok(session) => {
+                                drop(permit);
+                                let _ = done.send(Ok(began.elapsed())).await;
+                                peer.hold(session).await
+                            }
+                            Err(e) => {
+                                drop(permit);
+                                let why = chain(&e);
+                                let _ = done.send(Err(why.clone())).await;
+                                PeerReport { dropped: Some(why), ..PeerReport::default() }
+                            }
+                        }
+                    });
+                }
+                Some(done) = done_rx.recv() => {
+                    last_done = Instant::now();
+                    match done {
+                        Ok(latency) => {
+                            enrolled += 1;
+                            latencies.lock().unwrap_or_else(|p| p.into_inner()).push(latency);
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(stop_at) => {
+                    first_error.get_or_insert_with(|| format!("deadline of {deadline:?} reached"));
+                    break;
+                }
+            }
+        }
+        let mut latencies =
+            std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
+        latencies.sort_unstable();
+        let swarm = Self {
+            counters,
+            endpoints,
+            tasks,
+            cancel,
+        };
+        let enrollment = Enrollment {
+            enrolled,
+            failed: n - enrolled,
+            elapsed: last_done - start,
+            latencies,
+            first_error,
+        };
+        Ok((swarm, enrollment))
+    }
+
+    /// Waits until the peers together have read `frames` presence frames, or
+    /// `max` has passed. Returns whether they got there.
+    pub async fn wait_presence(&self, frames: u64, max: Duration) -> bool {
+        let until = Instant::now() + max;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            if self.counters.presence_frames.load(Ordering::Relaxed) >= frames {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tick.tick().await;
+        }
+    }
+
+    /// Disconnects every peer and returns what each saw.
+    pub async fn stop(mut self) -> Vec<PeerReport> {
+        self.cancel.cancel();
+        let mut reports = Vec::new();
+        while let Some(report) = self.tasks.join_next().await {
+            match report {
+                Ok(report) => reports.push(report),
+                Err(e) => reports.push(PeerReport {
+                    dropped: Some(format!("peer task failed: {e}")),
+                    ..PeerReport::default()
+                }),
+            }
+        }
+        for endpoint in &self.endpoints {
+            endpoint.close(0u32.into(), b"bench done");
+        }
+        for endpoint in &self.endpoints {
+            let _ = timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
+        reports
+    }
+}
+
+/// One simulated peer's connection after enrollment.
+enum Session {
+    Tracker {
+        conn: Connection,
+        reader: Box<Reader>,
+        /// Kept open: dropping it would finish the stream and end the session.
+        _writer: Box<Writer>,
+        report: PeerReport,
+    },
+    Bare {
+        conn: Connection,
+        _streams: (SendStream, RecvStream),
+    },
+}
+
+struct SimPeer {
+    index: usize,
+    server: SocketAddr,
+    target: Target,
+    counters: Arc<Counters>,
+    cancel: CancellationToken,
+}
+
+impl SimPeer {
+    async fn enroll(
+        &self,
+        endpoint: &Endpoint,
+        config: quinn::ClientConfig,
+    ) -> Result<Session, BenchError> {
+        let conn = step(
+            "handshake",
+            endpoint.connect_with(config, self.server, SERVER_NAME)?,
+        )
+        .await??;
+        let (mut send, mut recv) = step("a stream", conn.open_bi()).await??;
+        match self.target {
+            Target::Bare => {
+                send.write_all(&[1]).await?;
+                let mut byte = [0u8; 1];
+                step("the echo byte", recv.read_exact(&mut byte)).await??;
+                Ok(Session::Bare {
+                    conn,
+                    _streams: (send, recv),
+                })
+            }
+            Target::Tracker { .. } => {
+                let mut writer: Writer = FramedWrite::new(send, Codec::default());
+                let mut reader: Reader = FramedRead::new(recv, length_delimited());
+                let name = Name::parse(&format!("p{}", self.index))
+                    .map_err(|e| BenchError::Protocol(e.to_string()))?;
+                writer
+                    .send(ToTracker::Hello {
+                        name,
+                        version: PROTOCOL_VERSION,
+                        local_addrs: vec![],
+                    })
+                    .await?;
+                match next_frame(&mut reader, "Welcome").await? {
+                    (FromTracker::Welcome { .. }, _) => {}
+                    (FromTracker::Reject { reason }, _) => {
+                        return Err(BenchError::Protocol(format!("rejected: {reason}")));
+                    }
+                    (other, _) => {
+                        return Err(BenchError::Protocol(format!(
+                            "expected Welcome, got {other:?}"
+                        )));
+                    }
+                }
+                writer.send(ToTracker::Thanks).await?;
+                let mut report = PeerReport::default();
+                loop {
+                    match next_frame(&mut reader, "ClientList").await? {
+                        (FromTracker::ClientList { peers, last }, len) => {
+                            report.list_bytes += len;
+                            report.list_entries += peers.len() as u64;
+                            if last {
+                                break;
+                            }
+                        }
+                        (FromTracker::Presence(_), len) => self.count_presence(&mut report, len),
+                        (other, _) => {
+                            return Err(BenchError::Protocol(format!(
+                                "expected ClientList, got {other:?}"
+                            )));
+                        }
+                    }
+                }
+                self.counters
+                    .list_bytes
+                    .fetch_add(report.list_bytes, Ordering::Relaxed);
+                self.counters
+                    .list_entries
+                    .fetch_add(report.list_entries, Ordering::Relaxed);
+                Ok(Session::Tracker {
+                    conn,
+                    reader: Box::new(reader),
+                    _writer: Box::new(writer),
+                    report,
+                })
+            }
+        }
+    }
+
+    fn count_presence(&self, report: &mut PeerReport, len: u64) {
+        report.presence_frames += 1;
+        report.presence_bytes += len;
+        self.counters
+            .presence_frames
+            .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .presence_bytes
+            .fetch_add(len, Ordering::Relaxed);
+    }
+
+    /// Stays online, reading everything the server sends, until cancelled.
+    async fn hold(&self, session: Session) -> PeerReport {
+        match session {
+            Session::Bare { conn, _streams } => {
+                let dropped = tokio::select! {
+                    e = conn.closed() => Some(e.to_string()),
+                    () = self.cancel.cancelled() => None,
+                };
+                if dropped.is_some() {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                conn.close(0u32.into(), b"bench done");
+                PeerReport {
+                    dropped,
+                    ..PeerReport::default()
+                }
+            }
+            Session::Tracker {
+                conn,
+                mut reader,
+                _writer,
+                mut report,
+            } => {
+                loop {
+                    let frame = tokio::select! {
+                        frame = next_frame(&mut reader, "presence") => frame,
+                        () = self.cancel.cancelled() => break,
+                    };
+                    match frame {
+                        Ok((FromTracker::Presence(_), len)) => {
+                            self.count_presence(&mut report, len);
+                        }
+                        Ok((other, _)) => {
+                            report.dropped = Some(format!("unexpected frame {other:?}"));
+                            break;
+                        }
+                        // Quiet is fine: an idle peer may hear nothing for long.
+                        Err(BenchError::Timeout { .. }) => {}
+                        Err(e) => {
+                            report.dropped = Some(chain(&e));
+                            break;
+                        }
+                    }
+                }
+                if report.dropped.is_some() {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                conn.close(0u32.into(), b"bench done");
+                report
+            }
+        }
+    }
+}
+
+/// Reads one frame and decodes it as the real client does; also returns its
+/// size on the wire (length prefix included).
+async fn next_frame(
+    reader: &mut Reader,
+    what: &'static str,
+) -> Result<(FromTracker, u64), BenchError> {
+    match step(what, reader.next()).await? {
+        Some(Ok(body)) => {
+            let frame = decode::<FromTracker>(&body)?;
+            Ok((frame, body.len() as u64 + LENGTH_PREFIX))
+        }
+        Some(Err(e)) => Err(e.into()),
+        None => Err(BenchError::Protocol(format!(
+            "stream ended while waiting for {what}"
+        ))),
+    }
+}
+
+async fn step<T>(what: &'static str, fut: impl Future<Output = T>) -> Result<T, BenchError> {
+    timeout(STEP_TIMEOUT, fut)
+        .await
+        .map_err(|_| BenchError::Timeout {
+            what,
+            after: STEP_TIMEOUT,
+        })
+}
+
+/// An error with its sources, e.g. "I/O: connection lost: closed by peer: 5".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
