@@ -24,8 +24,8 @@ use tokio_util::codec::{Decoder, Encoder};
 use tincan_proto::codec::{self, Encoded};
 use tincan_proto::peer::{Refusal, ToReceiver, ToSender};
 use tincan_proto::tracker::{
-    FromTracker, HeldMessage, HoldResult, Notice, NoticeKind, PeerInfo, PresenceChange,
-    RejectReason, SealKeyEntry, SignedSealKey, ToTracker,
+    CircuitRefusal, FromTracker, HeldMessage, HoldResult, Notice, NoticeKind, PeerInfo,
+    PresenceChange, RejectReason, SealKeyEntry, SignedSealKey, ToTracker,
 };
 use tincan_proto::{Codec, FrameError, MAX_FRAME_LEN, MAX_LOCAL_ADDRS, MessageId, Name, PeerId};
 
@@ -114,6 +114,17 @@ fn arb_reject_reason() -> impl Strategy<Value = RejectReason> {
         RejectReason::TrackerFull,
         RejectReason::ProtocolViolation,
         RejectReason::Unavailable,
+    ])
+}
+
+fn arb_circuit_refusal() -> impl Strategy<Value = CircuitRefusal> {
+    prop::sample::select(vec![
+        CircuitRefusal::NotOnline,
+        CircuitRefusal::NotEnrolled,
+        CircuitRefusal::TooManyCircuits,
+        CircuitRefusal::TrackerBusy,
+        CircuitRefusal::Declined,
+        CircuitRefusal::Throttled,
     ])
 }
 
@@ -215,6 +226,9 @@ fn arb_to_tracker() -> impl Strategy<Value = ToTracker> {
         (arb_message_id(), arb_peer_id())
             .prop_map(|(id, from_id)| ToTracker::HeldRejected { id, from_id }),
         arb_message_id().prop_map(|id| ToTracker::NoticeSeen { id }),
+        arb_name().prop_map(|to| ToTracker::Circuit { to }),
+        Just(ToTracker::CircuitAccept),
+        arb_name().prop_map(|to| ToTracker::Connect { to }),
     ]
 }
 
@@ -238,6 +252,12 @@ fn arb_from_tracker() -> impl Strategy<Value = FromTracker> {
             .prop_map(|(id, result)| FromTracker::HoldReply { id, result }),
         arb_held_message().prop_map(FromTracker::Held),
         arb_notice().prop_map(FromTracker::Notice),
+        (arb_name(), arb_peer_id())
+            .prop_map(|(from, from_id)| FromTracker::CircuitOffer { from, from_id }),
+        Just(FromTracker::CircuitReady),
+        arb_circuit_refusal().prop_map(|reason| FromTracker::CircuitRefused { reason }),
+        (arb_peer_info(), any::<u32>())
+            .prop_map(|(peer, delay_ms)| FromTracker::Punch { peer, delay_ms }),
     ]
 }
 
@@ -499,6 +519,17 @@ fn to_tracker_goldens() -> Vec<Golden<ToTracker>> {
             ToTracker::NoticeSeen { id: message_id() },
             concat!("09 ", message_id_hex!()),
         ),
+        (
+            "Circuit",
+            ToTracker::Circuit { to: name("alice") },
+            "0a 05 616c696365", // to "alice"
+        ),
+        ("CircuitAccept", ToTracker::CircuitAccept, "0b"),
+        (
+            "Connect",
+            ToTracker::Connect { to: name("alice") },
+            "0c 05 616c696365", // to "alice"
+        ),
     ]
 }
 
@@ -744,6 +775,65 @@ fn from_tracker_goldens() -> Vec<Golden<FromTracker>> {
             }),
             concat!("0a ", message_id_hex!(), " 05 616c696365 02"),
         ),
+        (
+            "CircuitOffer",
+            FromTracker::CircuitOffer {
+                from: name("alice"),
+                from_id: peer_id_a(),
+            },
+            concat!("0b 05 616c696365 ", peer_id_a_hex!()), // from "alice", from_id
+        ),
+        ("CircuitReady", FromTracker::CircuitReady, "0c"),
+        (
+            "CircuitRefused(NotOnline)",
+            FromTracker::CircuitRefused {
+                reason: CircuitRefusal::NotOnline,
+            },
+            "0d 00",
+        ),
+        (
+            "CircuitRefused(NotEnrolled)",
+            FromTracker::CircuitRefused {
+                reason: CircuitRefusal::NotEnrolled,
+            },
+            "0d 01",
+        ),
+        (
+            "CircuitRefused(TooManyCircuits)",
+            FromTracker::CircuitRefused {
+                reason: CircuitRefusal::TooManyCircuits,
+            },
+            "0d 02",
+        ),
+        (
+            "CircuitRefused(TrackerBusy)",
+            FromTracker::CircuitRefused {
+                reason: CircuitRefusal::TrackerBusy,
+            },
+            "0d 03",
+        ),
+        (
+            "CircuitRefused(Declined)",
+            FromTracker::CircuitRefused {
+                reason: CircuitRefusal::Declined,
+            },
+            "0d 04",
+        ),
+        (
+            "CircuitRefused(Throttled)",
+            FromTracker::CircuitRefused {
+                reason: CircuitRefusal::Throttled,
+            },
+            "0d 05",
+        ),
+        (
+            "Punch",
+            FromTracker::Punch {
+                peer: alice_info(),
+                delay_ms: 250,
+            },
+            concat!("0e ", alice_info_hex!(), " fa01"), // peer, delay_ms 250 (two-byte varint)
+        ),
     ]
 }
 
@@ -813,9 +903,12 @@ fn to_tracker_index(m: &ToTracker) -> u8 {
         ToTracker::HeldReceived { .. } => 7,
         ToTracker::HeldRejected { .. } => 8,
         ToTracker::NoticeSeen { .. } => 9,
+        ToTracker::Circuit { .. } => 10,
+        ToTracker::CircuitAccept => 11,
+        ToTracker::Connect { .. } => 12,
     }
 }
-const TO_TRACKER_VARIANTS: u8 = 10;
+const TO_TRACKER_VARIANTS: u8 = 13;
 
 fn from_tracker_index(m: &FromTracker) -> u8 {
     match m {
@@ -830,9 +923,13 @@ fn from_tracker_index(m: &FromTracker) -> u8 {
         FromTracker::HoldReply { .. } => 8,
         FromTracker::Held(_) => 9,
         FromTracker::Notice(_) => 10,
+        FromTracker::CircuitOffer { .. } => 11,
+        FromTracker::CircuitReady => 12,
+        FromTracker::CircuitRefused { .. } => 13,
+        FromTracker::Punch { .. } => 14,
     }
 }
-const FROM_TRACKER_VARIANTS: u8 = 11;
+const FROM_TRACKER_VARIANTS: u8 = 15;
 
 fn to_receiver_index(m: &ToReceiver) -> u8 {
     match m {
@@ -1027,6 +1124,20 @@ proptest! {
     }
 }
 
+/// Names that must not decode, each with a one-byte length varint.
+fn invalid_names() -> Vec<Vec<u8>> {
+    vec![
+        b"".to_vec(),              // empty
+        b"al ice".to_vec(),        // space
+        "z".repeat(33).into(),     // 33 characters
+        b"a/b".to_vec(),           // punctuation
+        b"alice\n".to_vec(),       // control character
+        "bøb".as_bytes().to_vec(), // valid UTF-8, not ASCII
+        b"\xff\xfe".to_vec(),      // not UTF-8
+        b"a\0b".to_vec(),          // NUL
+    ]
+}
+
 /// A `Hello` built by hand: variant 0, name, version 1, no local addresses.
 fn hello_bytes(name: &[u8]) -> Vec<u8> {
     let len = u8::try_from(name.len()).unwrap();
@@ -1051,18 +1162,7 @@ fn hello_with_an_invalid_name_is_rejected() {
             }
         );
     }
-    let long = "z".repeat(33);
-    let bad: [&[u8]; 8] = [
-        b"",              // empty
-        b"al ice",        // space
-        long.as_bytes(),  // 33 characters
-        b"a/b",           // punctuation
-        b"alice\n",       // control character
-        "bøb".as_bytes(), // valid UTF-8, not ASCII
-        b"\xff\xfe",      // not UTF-8
-        b"a\0b",          // NUL
-    ];
-    for name in bad {
+    for name in &invalid_names() {
         let res = codec::decode::<ToTracker>(&hello_bytes(name));
         assert!(
             matches!(res, Err(FrameError::Malformed(_))),
@@ -1070,6 +1170,41 @@ fn hello_with_an_invalid_name_is_rejected() {
             String::from_utf8_lossy(name)
         );
     }
+}
+
+/// `variant`, then `name` (one-byte length varint), then `rest`.
+fn name_first_bytes(variant: u8, name: &[u8], rest: &[u8]) -> Vec<u8> {
+    let len = u8::try_from(name.len()).unwrap();
+    assert!(len < 0x80, "one-byte varint only");
+    let mut bytes = vec![variant, len];
+    bytes.extend_from_slice(name);
+    bytes.extend_from_slice(rest);
+    bytes
+}
+
+#[test]
+fn circuit_connect_and_circuit_offer_with_an_invalid_name_are_rejected() {
+    fn check<T: DeserializeOwned + PartialEq + Debug>(variant: u8, rest: &[u8], ok: fn(Name) -> T) {
+        // Control: the hand-built encoding is right.
+        for good in ["alice", "A_b-9", &"z".repeat(32)] {
+            let bytes = name_first_bytes(variant, good.as_bytes(), rest);
+            assert_eq!(codec::decode::<T>(&bytes).unwrap(), ok(name(good)));
+        }
+        for bad in &invalid_names() {
+            let res = codec::decode::<T>(&name_first_bytes(variant, bad, rest));
+            assert!(
+                matches!(res, Err(FrameError::Malformed(_))),
+                "variant {variant}: {:?} decoded as {res:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+    check(10, &[], |to| ToTracker::Circuit { to });
+    check(12, &[], |to| ToTracker::Connect { to });
+    check(11, &peer_id_a().0, |from| FromTracker::CircuitOffer {
+        from,
+        from_id: peer_id_a(),
+    });
 }
 
 /// Replaces the first `alice` in the encoding with `al ce` (same length) and
@@ -1094,12 +1229,12 @@ fn assert_spaced_name_rejected<T: DeserializeOwned + Debug>(goldens: &[Golden<T>
 
 #[test]
 fn an_invalid_name_in_any_message_that_carries_one_is_rejected() {
-    // Hello, Lookup, SealKeyOf, Hold;
+    // Hello, Lookup, SealKeyOf, Hold, Circuit, Connect;
     // ClientList, Presence(Joined/Left), LookupReply(Some), SealKeyReply(Some),
-    // Held, Notice(Delivered/Expired/Rejected);
+    // Held, Notice(Delivered/Expired/Rejected), CircuitOffer, Punch;
     // Open.
-    assert_eq!(assert_spaced_name_rejected(&to_tracker_goldens()), 4);
-    assert_eq!(assert_spaced_name_rejected(&from_tracker_goldens()), 9);
+    assert_eq!(assert_spaced_name_rejected(&to_tracker_goldens()), 6);
+    assert_eq!(assert_spaced_name_rejected(&from_tracker_goldens()), 11);
     assert_eq!(assert_spaced_name_rejected(&to_receiver_goldens()), 1);
 }
 
@@ -1112,12 +1247,12 @@ fn unknown_variant_indices_and_invalid_tags_are_rejected() {
             "{hex} decoded as {res:?}"
         );
     }
-    bad::<ToTracker>("0a"); // one past NoticeSeen
+    bad::<ToTracker>("0d"); // one past Connect
     bad::<ToTracker>("7f");
     bad::<ToTracker>("8001"); // varint 128
     bad::<ToTracker>("02 ffffffffff01 01 61"); // Lookup.req overflows u32
     bad::<ToTracker>("05 ffffffffff01 01 61"); // SealKeyOf.req overflows u32
-    bad::<FromTracker>("0b"); // one past Notice
+    bad::<FromTracker>("0f"); // one past Punch
     bad::<FromTracker>("00 02 cb007107 c0b802 e807"); // SocketAddr tag 2
     bad::<FromTracker>("01 07"); // RejectReason one past Unavailable
     bad::<FromTracker>("02 00 02"); // ClientList.last is neither 0 nor 1
@@ -1132,6 +1267,8 @@ fn unknown_variant_indices_and_invalid_tags_are_rejected() {
         " 00 ffffffffffffffffff02"
     ));
     bad::<FromTracker>(concat!("0a ", message_id_hex!(), " 05 616c696365 03")); // NoticeKind one past Rejected
+    bad::<FromTracker>("0d 06"); // CircuitRefusal one past Throttled
+    bad::<FromTracker>(concat!("0e ", alice_info_hex!(), " ffffffffff01")); // Punch.delay_ms overflows u32
     bad::<ToReceiver>("02"); // one past Msg
     bad::<ToReceiver>(concat!("01 ", message_id_hex!(), " 00 02 fffe")); // body not UTF-8
     bad::<ToSender>("02"); // one past Refused
