@@ -4,7 +4,6 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -14,7 +13,7 @@ use std::{
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
-use tincan_peer::{Config, Event, Node};
+use tincan_peer::{Config, Event, Node, Path};
 use tincan_proto::{Codec, MessageId, Name, PeerId, peer::ToReceiver, tls::SERVER_NAME};
 use tokio::{sync::mpsc, time::timeout};
 use tokio_util::codec::{Encoder, FramedRead};
@@ -29,6 +28,8 @@ pub const TPUT_BODY: usize = 100;
 pub const RAW_BATCH_BYTES: usize = 64 * 1024;
 /// Longest wait for any one event or reply.
 pub const WAIT: Duration = Duration::from_secs(30);
+/// Longest a whole throughput run may take.
+pub const THROUGHPUT_DEADLINE: Duration = Duration::from_secs(300);
 
 const ALPN_ECHO: &[u8] = b"tincan-bench/echo";
 
@@ -171,6 +172,10 @@ pub async fn raw_throughput(count: usize) -> Result<f64, BenchError> {
 /// Two real nodes, `alice` and `bob`, enrolled with the same tracker and
 /// each knowing the other.
 pub struct NodePair {
+    /// The receiver's name.
+    to: String,
+    /// Deliveries that came back over a relay circuit.
+    pub relayed: usize,
     alice: Node,
     alice_events: mpsc::Receiver<Event>,
     bob: Node,
@@ -180,19 +185,28 @@ pub struct NodePair {
 }
 
 impl NodePair {
-    pub async fn start(tracker: SocketAddr, key: PeerId, dir: &Path) -> Result<Self, BenchError> {
+    /// Starts `from` and `to`; with `relay_only` both use relay circuits
+    /// through the tracker and never a direct link.
+    pub async fn start(
+        tracker: SocketAddr,
+        key: PeerId,
+        dir: &std::path::Path,
+        (from, to): (&str, &str),
+        relay_only: bool,
+    ) -> Result<Self, BenchError> {
         let node = |name: &str| -> Result<Config, BenchError> {
             let name = Name::parse(name).map_err(|e| BenchError::Node(e.to_string()))?;
             let mut config =
                 Config::new(name.clone(), tracker.to_string(), dir.join(name.as_str()));
             config.tracker_key = Some(key);
             config.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+            config.relay_only = relay_only;
             Ok(config)
         };
-        let (alice, mut alice_events) = Node::start(node("alice")?)
+        let (alice, mut alice_events) = Node::start(node(from)?)
             .await
             .map_err(|e| BenchError::Node(e.to_string()))?;
-        let (bob, mut bob_events) = Node::start(node("bob")?)
+        let (bob, mut bob_events) = Node::start(node(to)?)
             .await
             .map_err(|e| BenchError::Node(e.to_string()))?;
         // alice hears of bob's arrival before she writes to him.
@@ -201,7 +215,7 @@ impl NodePair {
                 if let Event::Presence {
                     name, online: true, ..
                 } = event
-                    && name.as_str() == "bob"
+                    && name.as_str() == to
                 {
                     return;
                 }
@@ -219,6 +233,8 @@ impl NodePair {
             }
         });
         Ok(Self {
+            to: to.to_string(),
+            relayed: 0,
             alice,
             alice_events,
             bob,
@@ -236,7 +252,7 @@ impl NodePair {
             let t = Instant::now();
             let id = self
                 .alice
-                .send("bob", &text)
+                .send(&self.to, &text)
                 .await
                 .map_err(|e| BenchError::Node(e.to_string()))?;
             wait_delivered(&mut self.alice_events, id).await?;
@@ -255,6 +271,8 @@ impl NodePair {
         let Self {
             alice,
             alice_events,
+            to,
+            relayed,
             ..
         } = self;
         let start = Instant::now();
@@ -262,7 +280,12 @@ impl NodePair {
             let mut delivered = 0;
             while delivered < count {
                 match alice_events.recv().await {
-                    Some(Event::Delivered { .. }) => delivered += 1,
+                    Some(Event::Delivered { path, .. }) => {
+                        delivered += 1;
+                        if path == Path::Relay {
+                            *relayed += 1;
+                        }
+                    }
                     Some(Event::Undeliverable { reason, .. }) => {
                         return Err(BenchError::Node(format!("undeliverable: {reason}")));
                     }
@@ -275,14 +298,20 @@ impl NodePair {
         let sending = async {
             for _ in 0..count {
                 alice
-                    .send("bob", &text)
+                    .send(to, &text)
                     .await
                     .map_err(|e| BenchError::Node(e.to_string()))?;
             }
             Ok::<_, BenchError>(())
         };
-        let (end, sent) =
-            within("throughput run", async { tokio::join!(counting, sending) }).await?;
+        let (end, sent) = timeout(THROUGHPUT_DEADLINE, async {
+            tokio::join!(counting, sending)
+        })
+        .await
+        .map_err(|_| BenchError::Timeout {
+            what: "a throughput run",
+            after: THROUGHPUT_DEADLINE,
+        })?;
         sent?;
         let end = end?;
         Ok(count as f64 / (end - start).as_secs_f64())
