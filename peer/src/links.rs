@@ -67,6 +67,8 @@ pub const MAX_LINKS: usize = 256;
 pub const DUPLICATE_GRACE: Duration = Duration::from_secs(2);
 /// How long a direct attempt gets before the relay is asked too.
 pub const RELAY_HEAD_START: Duration = Duration::from_millis(50);
+/// Least time a first dial gets before a hole punch is requested.
+pub const MIN_PUNCH_DELAY: Duration = Duration::from_millis(30);
 /// Background attempts to move a relayed conversation to a direct path.
 pub const UPGRADE_ATTEMPTS: u32 = 6;
 /// Delay before the first upgrade attempt; doubled after each.
@@ -119,6 +121,8 @@ struct LinkState {
     peer: PeerId,
     out: OnceCell<mpsc::Sender<ToReceiver>>,
     pending: Mutex<Pending>,
+    /// Woken whenever the last pending message is settled.
+    drained: Notify,
 }
 
 impl Link {
@@ -142,6 +146,7 @@ impl Link {
             peer,
             out: OnceCell::new(),
             pending: Mutex::default(),
+            drained: Notify::new(),
         }))
     }
 
@@ -199,6 +204,39 @@ impl Link {
         for (_, tx) in self.pending().drain() {
             let _ = tx.send(Err(error.clone()));
         }
+        self.0.drained.notify_waiters();
+    }
+
+    /// Settles one message; wakes `drained` waiters when none are left.
+    fn settle(&self, id: &MessageId, result: Result<(), LinkError>) {
+        let (tx, empty) = {
+            let mut pending = self.pending();
+            let tx = pending.remove(id);
+            (tx, pending.is_empty())
+        };
+        if let Some(tx) = tx {
+            let _ = tx.send(result);
+        }
+        if empty {
+            self.0.drained.notify_waiters();
+        }
+    }
+
+    /// Resolves when no message on this link awaits its acknowledgement.
+    pub(crate) async fn drained(&self) {
+        loop {
+            let notified = self.0.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.pending().is_empty() || !self.alive() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) fn same(&self, other: &Link) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 
     /// Queues one message; the receiver resolves when its ack arrives.
@@ -320,11 +358,7 @@ where
                 () = link.closed() => break LinkError::Lost("link closed".into()),
             };
             match frame {
-                Some(Ok(ToSender::Ack { id })) => {
-                    if let Some(tx) = link.pending().remove(&id) {
-                        let _ = tx.send(Ok(()));
-                    }
-                }
+                Some(Ok(ToSender::Ack { id })) => link.settle(&id, Ok(())),
                 Some(Ok(ToSender::Refused { reason })) => {
                     events
                         .emit(Event::Warning {
@@ -500,8 +534,16 @@ impl Links {
             self.open_relay(inner, info).await?
         } else {
             let direct = async {
-                request_punch(inner, &info.name);
+                // Ask for a punch only if the plain dial has not got
+                // through quickly: on an open path it would just make a
+                // second connection.
+                let punch_later = async {
+                    tokio::time::sleep(punch_delay(inner)).await;
+                    request_punch(inner, &info.name);
+                    std::future::pending::<Result<Link, LinkError>>().await
+                };
                 tokio::select! {
+                    never = punch_later => never,
                     dialed = dial(inner, info, None) => {
                         let conn = dialed?;
                         let link = Link::quic(conn, info.id, inner.identity.id());
@@ -578,6 +620,14 @@ impl Links {
             locked(&links.upgrading).remove(&info.id);
         });
     }
+}
+
+/// How long a first dial gets before a hole punch is requested: twice the
+/// RTT to the tracker (about the RTT to the peer), at least [`MIN_PUNCH_DELAY`].
+fn punch_delay(inner: &Inner) -> Duration {
+    inner
+        .tracker_rtt()
+        .map_or(MIN_PUNCH_DELAY, |rtt| (rtt * 2).max(MIN_PUNCH_DELAY))
 }
 
 /// Asks the tracker to have `name` dial us while we dial it.

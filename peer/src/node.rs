@@ -224,7 +224,10 @@ impl Inner {
                     self.directory().insert(info);
                     true
                 }
-                _ => false,
+                Ok(_) => false,
+                // The tracker is away: a key this peer pinned for the name
+                // before is still good.
+                Err(()) => self.store.pinned_key(name).ok().flatten() == Some(key),
             },
         };
         bound && self.observe_key(name, key).await

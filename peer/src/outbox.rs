@@ -24,7 +24,7 @@ use std::{
 use futures_util::future::BoxFuture;
 use tincan_proto::{
     MessageId, Name,
-    peer::ToReceiver,
+    peer::{Refusal, ToReceiver},
     seal::{seal, verify_seal_key},
     tracker::{HoldResult, SealKeyEntry},
 };
@@ -34,7 +34,7 @@ use tracing::{debug, warn};
 use crate::{
     delivery::State,
     event::{Event, Path},
-    links::LinkError,
+    links::{Link, LinkError},
     node::{Inner, SendError},
     store::{Pending, now_ms},
     tracker_client::{Command, TRACKER_TIMEOUT},
@@ -157,6 +157,10 @@ impl Inner {
         generation: u64,
         mut queue: mpsc::Receiver<Outgoing>,
     ) {
+        // The link the previous message went out on: before the first
+        // message on another link, what is in flight on this one is let
+        // through, so the receiver sees the conversation in order.
+        let mut last_link: Option<Link> = None;
         loop {
             let next = tokio::select! {
                 next = tokio::time::timeout(CONVERSATION_IDLE, queue.recv()) => next,
@@ -178,7 +182,7 @@ impl Inner {
             // A message that needs the absent tracker holds up the ones
             // behind it: the conversation stays in order.
             loop {
-                match self.turn(msg, &mut queue).await {
+                match self.turn(msg, &mut queue, &mut last_link).await {
                     Turn::Done => break,
                     Turn::Wait(back) => {
                         msg = back;
@@ -199,6 +203,7 @@ impl Inner {
         self: &Arc<Self>,
         mut msg: Outgoing,
         queue: &mut mpsc::Receiver<Outgoing>,
+        last_link: &mut Option<Link>,
     ) -> Turn {
         let listed = self.directory().get(&msg.to).cloned();
         let info = match listed {
@@ -239,6 +244,11 @@ impl Inner {
                 return self.hold(msg).await;
             }
         };
+        if let Some(previous) = last_link.replace(link.clone())
+            && !previous.same(&link)
+        {
+            let _ = tokio::time::timeout(ACK_TIMEOUT, previous.drained()).await;
+        }
         msg.attempts += 1;
         let frame = ToReceiver::Msg {
             id: msg.id,
@@ -268,6 +278,13 @@ impl Inner {
         match tokio::time::timeout(ACK_TIMEOUT, acked).await {
             Ok(Ok(Ok(()))) => {
                 self.final_state(&msg, State::Delivered(path)).await;
+            }
+            Ok(Ok(Err(LinkError::Refused(Refusal::UnknownSender)))) => {
+                // The receiver could not yet tell that this key is ours
+                // (its list is behind, its tracker away): try again, and
+                // in the end through the tracker, which vouches for us.
+                let reason = format!("{} does not know this key yet", msg.to);
+                self.retry(msg, reason).await;
             }
             Ok(Ok(Err(LinkError::Refused(reason)))) => {
                 let reason = format!("refused by {}: {reason}", msg.to);

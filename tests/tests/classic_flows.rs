@@ -184,6 +184,9 @@ async fn known_peer_still_gets_messages_directly_when_the_tracker_dies() -> Resu
     alice
         .expect_event("client_list", |v| names(v).contains(&"bob".to_string()))
         .await?;
+    // Both know each other (bob has heard of alice) before the tracker dies.
+    bob.expect_line("alice's arrival", |l| l == "* alice is online")
+        .await?;
     tracker.kill().await?;
 
     let id = alice.send("bob", "still here without the tracker").await?;
