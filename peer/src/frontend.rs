@@ -538,7 +538,7 @@ fn event_text(node: &Node, event: &Event) -> Option<String> {
             format!("[{}] to {to}: sent ({})", id.short(), path.as_str())
         }
         Event::Held { id, to } => format!(
-            "[{}] to {to}: held by the tracker until {to} logs on",
+            "[{}] to {to}: held (sealed) by the tracker until {to} can collect it",
             id.short()
         ),
         Event::Delivered { id, to, path, rtt } => format!(

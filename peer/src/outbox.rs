@@ -186,9 +186,18 @@ impl Inner {
                     Turn::Done => break,
                     Turn::Wait(back) => {
                         msg = back;
+                        // Retry when the tracker comes back, or after
+                        // TRACKER_RETRY if it is up but could not help.
                         let mut up = self.tracker_up.subscribe();
+                        let was_up = *up.borrow_and_update();
+                        let back_up = async {
+                            if was_up {
+                                std::future::pending::<()>().await;
+                            }
+                            let _ = up.wait_for(|up| *up).await;
+                        };
                         tokio::select! {
-                            _ = up.wait_for(|up| *up) => {}
+                            () = back_up => {}
                             () = tokio::time::sleep(TRACKER_RETRY) => {}
                             () = self.cancel.cancelled() => return,
                         }
@@ -391,8 +400,12 @@ impl Inner {
         let to = &entry.name;
         match result {
             HoldResult::Held { .. } => self.set_state(&msg, State::Held).await,
-            HoldResult::UnknownName | HoldResult::KeyMismatch => {
+            HoldResult::UnknownName => {
                 let reason = format!("{to} is not logged on and is not known to the tracker");
+                self.final_state(&msg, State::Undeliverable(reason)).await
+            }
+            HoldResult::KeyMismatch => {
+                let reason = format!("{to} is now bound to another key than the one sealed to");
                 self.final_state(&msg, State::Undeliverable(reason)).await
             }
             HoldResult::MailboxFull => {

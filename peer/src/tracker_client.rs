@@ -66,7 +66,11 @@ pub enum EnrollError {
 impl EnrollError {
     /// Errors that retrying cannot fix.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, EnrollError::Rejected(_))
+        matches!(
+            self,
+            EnrollError::Rejected(reason)
+                if !matches!(reason, RejectReason::Unavailable | RejectReason::TrackerFull)
+        )
     }
 }
 

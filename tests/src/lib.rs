@@ -533,6 +533,16 @@ impl Peer {
         self.proc.kill().await
     }
 
+    /// The next JSON line not yet consumed (oldest first), whatever it is;
+    /// for tests that sift through many events themselves.
+    pub async fn next_json(&mut self, wait: Duration) -> Result<Value> {
+        let line = match self.proc.backlog.pop_front() {
+            Some(line) => line,
+            None => self.proc.expect_new_line("any line", wait, |_| true).await?,
+        };
+        Ok(serde_json::from_str(&line)?)
+    }
+
     /// After the peer died: every JSON line it printed that no expectation
     /// consumed.
     pub async fn rest_json(&mut self) -> Vec<Value> {

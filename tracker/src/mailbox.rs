@@ -147,6 +147,20 @@ impl Mailbox {
         let count = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<u32, StoreError> {
             db.query_row(sql, p, |r| r.get(0)).map_err(|e| self.err(e))
         };
+        // A resend of a message already held is answered as before.
+        let stored: Option<i64> = db
+            .query_row(
+                "SELECT expires_at FROM held WHERE to_id = ?1 AND msg_id = ?2",
+                params![&to_id.0[..], &id.0[..]],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        if let Some(expires_at) = stored {
+            return Ok(HoldResult::Held {
+                expires_at: u64::try_from(expires_at).unwrap_or(0),
+            });
+        }
         let for_recipient = count(
             "SELECT COUNT(*) FROM held WHERE to_id = ?1",
             &[&&to_id.0[..]],
