@@ -6,6 +6,7 @@
 //! test executable (target/<profile>/). Every child is started with
 //! `kill_on_drop`, so a failing test still stops every process it started.
 
+pub mod netlab;
 pub mod raw;
 
 use std::{
@@ -82,8 +83,23 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(label: &str, program: &Path, args: &[String]) -> Result<Self> {
-        let mut child = Command::new(program)
+    /// Runs `wrapper... program args...`; the wrapper must exec the program
+    /// (as `ip netns exec NS` does) so that the child's pid is the program's.
+    fn spawn_wrapped(
+        label: &str,
+        wrapper: &[String],
+        program: &Path,
+        args: &[String],
+    ) -> Result<Self> {
+        let mut command = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        let mut child = command
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::piped())
@@ -269,6 +285,17 @@ impl Tracker {
     }
 
     async fn start_full(listen: &str, dir: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_wrapped(&[], listen, dir, extra).await
+    }
+
+    /// A tracker started through `wrapper` (e.g. `ip netns exec NS`), on
+    /// `listen`, with data directory `dir` and extra arguments.
+    pub async fn start_wrapped(
+        wrapper: &[String],
+        listen: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut args = vec![
             "--listen".into(),
             listen.into(),
@@ -276,7 +303,7 @@ impl Tracker {
             dir.display().to_string(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
-        let mut proc = Proc::spawn("tracker", &binary("tracker")?, &args)?;
+        let mut proc = Proc::spawn_wrapped("tracker", wrapper, &binary("tracker")?, &args)?;
         let line = proc
             .expect_line("the listening line", WAIT, |l| {
                 l.starts_with("tracker listening on ")
@@ -309,6 +336,10 @@ impl Tracker {
         self.proc.kill().await
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     pub fn stderr(&self) -> String {
         self.proc.stderr_log.dump()
     }
@@ -338,6 +369,10 @@ pub struct PeerOpts {
     /// Reuse this data directory (same identity); a fresh one otherwise.
     pub dir: Option<PathBuf>,
     pub extra: Vec<String>,
+    /// Command the binary is started through (e.g. `ip netns exec NS`).
+    pub wrapper: Vec<String>,
+    /// `--bind` address.
+    pub bind: String,
 }
 
 impl PeerOpts {
@@ -348,7 +383,21 @@ impl PeerOpts {
             mode,
             dir: None,
             extra: Vec::new(),
+            wrapper: Vec::new(),
+            bind: "127.0.0.1:0".into(),
         }
+    }
+
+    /// Starts the binary through this command, which must exec it.
+    pub fn wrapper(mut self, wrapper: &[String]) -> Self {
+        self.wrapper = wrapper.to_vec();
+        self
+    }
+
+    /// The local address to bind (default 127.0.0.1:0).
+    pub fn bind(mut self, addr: &str) -> Self {
+        self.bind = addr.into();
+        self
     }
 
     pub fn dir(mut self, dir: &Path) -> Self {
@@ -379,13 +428,18 @@ impl PeerOpts {
             "--data-dir".into(),
             dir.display().to_string(),
             "--bind".into(),
-            "127.0.0.1:0".into(),
+            self.bind,
         ];
         if self.mode == Mode::Json {
             args.push("--json".into());
         }
         args.extend(self.extra);
-        let proc = Proc::spawn(&format!("peer {}", self.name), &binary("peer")?, &args)?;
+        let proc = Proc::spawn_wrapped(
+            &format!("peer {}", self.name),
+            &self.wrapper,
+            &binary("peer")?,
+            &args,
+        )?;
         Ok(Peer {
             proc,
             name: self.name,
@@ -538,7 +592,11 @@ impl Peer {
     pub async fn next_json(&mut self, wait: Duration) -> Result<Value> {
         let line = match self.proc.backlog.pop_front() {
             Some(line) => line,
-            None => self.proc.expect_new_line("any line", wait, |_| true).await?,
+            None => {
+                self.proc
+                    .expect_new_line("any line", wait, |_| true)
+                    .await?
+            }
         };
         Ok(serde_json::from_str(&line)?)
     }
