@@ -135,6 +135,9 @@ pub enum Event {
         name: Name,
         path: Path,
         rtt: Duration,
+        /// On an upgrade from relay to direct: the bytes the conversation
+        /// sent and received through the relay circuit, TLS included.
+        relay_bytes: Option<u64>,
     },
     /// The tracker connection is gone; direct conversations go on, and the
     /// node enrolls again after `retry_in`.

@@ -483,8 +483,14 @@ fn event_json(event: &Event) -> Value {
             "event": "key_changed", "name": name.as_str(), "pinned": pinned.to_string(),
             "announced": announced.to_string(),
         }),
-        Event::Path { name, path, rtt } => json!({
+        Event::Path {
+            name,
+            path,
+            rtt,
+            relay_bytes,
+        } => json!({
             "event": "path", "name": name.as_str(), "path": path.as_str(), "rtt_ms": ms(*rtt),
+            "relay_bytes": relay_bytes,
         }),
         Event::TrackerLost { reason, retry_in } => json!({
             "event": "tracker_lost", "reason": reason, "retry_in_ms": ms(*retry_in),
@@ -561,7 +567,9 @@ fn event_text(node: &Node, event: &Event) -> Option<String> {
             pinned.short(),
             announced.short()
         ),
-        Event::Path { name, path, rtt } => format!(
+        Event::Path {
+            name, path, rtt, ..
+        } => format!(
             "* talking to {name} {} now (rtt {} ms)",
             match path {
                 Path::Direct => "directly",

@@ -24,7 +24,10 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -107,6 +110,8 @@ enum Transport {
     Relay {
         closed: CancellationToken,
         rtt: Duration,
+        /// Bytes through the circuit both ways, TLS included.
+        carried: Arc<AtomicU64>,
     },
 }
 
@@ -130,14 +135,23 @@ impl Link {
         Self::with(Transport::Quic { conn, dialed_by }, peer)
     }
 
-    pub(crate) fn relay(peer: PeerId, rtt: Duration) -> Self {
+    pub(crate) fn relay(peer: PeerId, rtt: Duration, carried: Arc<AtomicU64>) -> Self {
         Self::with(
             Transport::Relay {
                 closed: CancellationToken::new(),
                 rtt,
+                carried,
             },
             peer,
         )
+    }
+
+    /// Bytes this link carried through the tracker (0 for a direct link).
+    fn relayed_bytes(&self) -> u64 {
+        match &self.0.transport {
+            Transport::Relay { carried, .. } => carried.load(Ordering::Relaxed),
+            Transport::Quic { .. } => 0,
+        }
     }
 
     fn with(transport: Transport, peer: PeerId) -> Self {
@@ -499,8 +513,19 @@ impl Links {
         }
     }
 
-    /// Announces the path to a peer if it changed.
+    /// Announces the path to a peer if it changed; `relay_bytes` is what
+    /// the conversation sent through the relay before it went direct.
     async fn note_path(&self, inner: &Inner, info: &PeerInfo, link: &Link) {
+        self.note_path_after(inner, info, link, None).await;
+    }
+
+    async fn note_path_after(
+        &self,
+        inner: &Inner,
+        info: &PeerInfo,
+        link: &Link,
+        relay_bytes: Option<u64>,
+    ) {
         let changed = locked(&self.paths).insert(info.id, link.path()) != Some(link.path());
         if changed {
             info!(peer = %info.name, path = link.path().as_str(), "path");
@@ -509,6 +534,7 @@ impl Links {
                     name: info.name.clone(),
                     path: link.path(),
                     rtt: link.rtt(),
+                    relay_bytes,
                 })
                 .await;
         }
@@ -606,10 +632,11 @@ impl Links {
                     let _ = timeout(PUNCH_WAIT, direct).await;
                 }
                 if let Some(link) = links.direct_link(&info.id) {
-                    links.note_path(&inner2, &info, &link).await;
+                    let relay = locked(&links.relays).remove(&info.id);
+                    let relayed = relay.as_ref().map(Link::relayed_bytes);
+                    links.note_path_after(&inner2, &info, &link, relayed).await;
                     // Unacknowledged messages on the relay fail over and are
                     // resent on the direct link; the receiver shows each once.
-                    let relay = locked(&links.relays).remove(&info.id);
                     if let Some(relay) = relay {
                         tokio::time::sleep(RELAY_GRACE).await;
                         relay.close(close::NORMAL, b"upgraded to direct");

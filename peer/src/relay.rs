@@ -4,7 +4,16 @@
 //! the dialer's key against the name the tracker says it has). The tracker
 //! only forwards the bytes of that TLS session.
 
-use std::{io::Cursor, sync::Arc, time::Duration};
+use std::{
+    io::Cursor,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use futures_util::{SinkExt, StreamExt};
 use quinn::{RecvStream, SendStream};
@@ -14,7 +23,10 @@ use tincan_proto::{
     tls::{SERVER_NAME, client_config, peer_id_of, server_config},
     tracker::{FromTracker, PeerInfo, ToTracker},
 };
-use tokio::{io::AsyncReadExt, time::timeout};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    time::timeout,
+};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info};
@@ -24,6 +36,49 @@ use crate::{
     links::{Link, LinkError, serve_stream},
     node::Inner,
 };
+
+/// A stream that counts the bytes through it both ways (what a circuit
+/// costs the tracker, TLS included).
+struct Counted<S> {
+    inner: S,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.bytes.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// Longest wait for the tracker to set up a circuit, and for the TLS
 /// handshake inside it.
@@ -59,10 +114,14 @@ pub async fn open_circuit(inner: &Arc<Inner>, info: &PeerInfo) -> Result<Link, L
         Err(_) => return Err(unreachable("the relay did not answer in time".into())),
     }
     let parts = reader.into_parts();
-    let stream = tokio::io::join(
-        Cursor::new(parts.read_buf).chain(parts.io),
-        writer.into_inner(),
-    );
+    let carried = Arc::new(AtomicU64::new(0));
+    let stream = Counted {
+        inner: tokio::io::join(
+            Cursor::new(parts.read_buf).chain(parts.io),
+            writer.into_inner(),
+        ),
+        bytes: carried.clone(),
+    };
     let tls = client_config(&inner.identity, ALPN_PEER, Some(info.id))
         .map_err(|e| unreachable(e.to_string()))?;
     let server = ServerName::try_from(SERVER_NAME).map_err(|e| unreachable(e.to_string()))?;
@@ -89,7 +148,7 @@ pub async fn open_circuit(inner: &Arc<Inner>, info: &PeerInfo) -> Result<Link, L
     let (recv, send) = tokio::io::split(tls);
     // Through the tracker: about our RTT to it plus the other side's.
     let rtt = inner.tracker_rtt().unwrap_or_default() * 2;
-    let link = Link::relay(info.id, rtt);
+    let link = Link::relay(info.id, rtt, carried);
     link.attach_outbound(inner, recv, send).await?;
     info!(peer = %info.name, "relay circuit up");
     Ok(link)

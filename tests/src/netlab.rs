@@ -482,6 +482,9 @@ pub struct Trial {
     /// alice's `path` event for bob with the awaited path.
     pub path_reached: Option<Duration>,
     pub path_rtt_ms: Option<u64>,
+    /// Bytes alice's conversation sent and received through a relay circuit
+    /// before the path went direct (0 when no relay carried anything).
+    pub relay_bytes: Option<u64>,
     /// Whether a router saw packets flow between the two public addresses
     /// (checked when the path is reported direct; `None` for public↔public).
     pub direct_flow_seen: Option<bool>,
@@ -586,6 +589,7 @@ pub async fn trial(pair: Pair, opts: &TrialOpts) -> Result<Option<Trial>> {
         Some(Ok((at, v))) => {
             t.path_reached = Some(at);
             t.path_rtt_ms = v["rtt_ms"].as_u64();
+            t.relay_bytes = Some(v["relay_bytes"].as_u64().unwrap_or(0));
         }
         Some(Err(e)) => problems.push(format!(
             "no {:?} path event: {}",

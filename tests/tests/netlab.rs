@@ -30,6 +30,19 @@ fn ms(d: Option<Duration>) -> String {
     d.map_or_else(|| "-".into(), |d| format!("{} ms", d.as_millis()))
 }
 
+/// "median (max)" of the relay bytes before upgrade, or "–".
+fn bytes_summary(bytes: &mut [u64]) -> String {
+    if bytes.is_empty() {
+        return "–".into();
+    }
+    bytes.sort_unstable();
+    format!(
+        "{} B (max {} B)",
+        bytes[bytes.len() / 2],
+        bytes[bytes.len() - 1]
+    )
+}
+
 fn report(pair: &Pair, opts: &TrialOpts, t: &Trial) {
     println!(
         "netlab {}: delay {} ms, loss {} %: first delivery {} ({}), reply {} ({}), {} path {}",
@@ -450,6 +463,7 @@ async fn netlab_matrix() -> Result<()> {
         };
         let (mut delivered, mut direct) = (0, 0);
         let (mut firsts, mut directs) = (Vec::new(), Vec::new());
+        let mut relay_bytes: Vec<u64> = Vec::new();
         for i in 0..trials {
             let t = match netlab::trial(pair, &opts).await {
                 Ok(Some(t)) => t,
@@ -470,14 +484,18 @@ async fn netlab_matrix() -> Result<()> {
                 direct += 1;
                 directs.push(d);
             }
+            if let Some(b) = t.relay_bytes {
+                relay_bytes.push(b);
+            }
         }
         let pct = |n: usize| format!("{} %", n * 100 / trials);
         rows.push(format!(
-            "| {label} | {trials} | {} | {} | {} | {} | n/a | {} |",
+            "| {label} | {trials} | {} | {} | {} | {} | {} | {} |",
             pct(delivered),
             pct(direct),
             ms(median(firsts)),
             ms(median(directs)),
+            bytes_summary(&mut relay_bytes),
             if pair.direct_possible { "yes" } else { "no" },
         ));
     }
