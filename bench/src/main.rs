@@ -41,6 +41,9 @@ struct Args {
     /// Sizes for presence_scaling (comma-separated) [default: 1000,2000,4000].
     #[arg(long, value_delimiter = ',')]
     presence_sizes: Vec<usize>,
+    /// Stop enrolling after this many seconds [default: 120, smoke: 60].
+    #[arg(long)]
+    deadline: Option<u64>,
     /// The tracker binary [default: `tracker` beside this executable, built if missing].
     #[arg(long)]
     tracker_bin: Option<PathBuf>,
@@ -106,6 +109,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(m) = args.tput_messages {
         opts.tput_messages = m.max(1);
+    }
+    if let Some(secs) = args.deadline {
+        opts.deadline = std::time::Duration::from_secs(secs.max(1));
     }
     if !args.only.is_empty() {
         opts.groups = Groups {

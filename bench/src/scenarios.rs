@@ -41,8 +41,11 @@ pub struct Options {
     pub settle: Duration,
     /// Window over which idle CPU is measured.
     pub idle: Duration,
-    /// Give up on an enrollment or presence phase after this long.
+    /// Stop enrolling after this long (the rate reached is reported, short).
     pub deadline: Duration,
+    /// After the last enrollment, wait at most this long for the presence
+    /// fan-out to reach every peer.
+    pub drain: Duration,
     pub tracker_bin: PathBuf,
     /// This executable, for `bare-server`.
     pub bench_bin: PathBuf,
@@ -83,7 +86,8 @@ impl Options {
             raw_tput_messages: 1_000_000,
             settle: Duration::from_secs(2),
             idle: Duration::from_secs(6),
-            deadline: Duration::from_secs(240),
+            deadline: Duration::from_secs(120),
+            drain: Duration::from_secs(60),
             tracker_bin,
             bench_bin,
             groups: Groups::default(),
@@ -102,6 +106,7 @@ impl Options {
             settle: Duration::from_millis(500),
             idle: Duration::from_secs(3),
             deadline: Duration::from_secs(60),
+            drain: Duration::from_secs(30),
             ..Self::full(200, tracker_bin, bench_bin)
         }
     }
@@ -354,7 +359,7 @@ async fn serve_swarm(
             let expected =
                 (enrollment.enrolled as u64) * (enrollment.enrolled as u64).saturating_sub(1) / 2;
             swarm
-                .wait_presence(expected, opts.deadline)
+                .wait_presence(expected, opts.drain)
                 .await
                 .then(|| t.elapsed())
         }
@@ -494,7 +499,10 @@ async fn tracker_figures(
     });
 
     // tracker_memory
-    let per = |s: &Served| s.rss_held.saturating_sub(s.rss_before) as f64 / n.max(1) as f64;
+    // Per peer actually held (an incomplete run holds fewer than N).
+    let per = |s: &Served| {
+        s.rss_held.saturating_sub(s.rss_before) as f64 / s.enrollment.enrolled.max(1) as f64
+    };
     let (tm, bm) = (per(&tin), per(&base));
     let ratio = tm / bm.max(f64::EPSILON);
     report.row(
@@ -506,7 +514,8 @@ async fn tracker_figures(
     report.result("tracker_rss_per_peer_bytes", tm);
     report.result("bare_rss_per_conn_bytes", bm);
     report.note(format!(
-        "tracker_memory: (VmRSS with N held − VmRSS before) / N; tracker {} → {}, bare server {} → {}",
+        "tracker_memory: (VmRSS with the enrolled peers held − VmRSS before) / enrolled peers; \
+         tracker {} → {}, bare server {} → {}",
         bytes(tin.rss_before as f64),
         bytes(tin.rss_held as f64),
         bytes(base.rss_before as f64),
@@ -581,7 +590,7 @@ async fn presence_figures(
         .await?;
         let m = enrollment.enrolled as u64;
         let complete = swarm
-            .wait_presence(m * m.saturating_sub(1) / 2, opts.deadline)
+            .wait_presence(m * m.saturating_sub(1) / 2, opts.drain)
             .await;
         let (wall, server, own) = phase.end(&tracker)?;
         let reports = swarm.stop().await;
