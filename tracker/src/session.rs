@@ -4,6 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use quinn::{Connection, RecvStream, SendStream};
 use tincan_proto::{
@@ -279,6 +280,15 @@ impl Session {
                 }
             }
             Err(e) => warn!(error = %e, "cannot read the mailbox"),
+        }
+
+        // The list pages grew the write buffer to a page's size, and both
+        // framing buffers start at 8 KiB; from here on an online peer only
+        // gets small presence frames and sends small requests, so give that
+        // memory back (it was most of the tracker's memory per peer).
+        *writer.write_buffer_mut() = BytesMut::new();
+        if reader.read_buffer().is_empty() {
+            *reader.read_buffer_mut() = BytesMut::new();
         }
 
         let mut presence = joined.presence;
