@@ -504,6 +504,19 @@ impl Peer {
         Ok(serde_json::from_str(&line)?)
     }
 
+    /// This peer's own row of `who` (JSON mode): its address as the tracker
+    /// observed it, and its key.
+    pub async fn own_address_and_key(&mut self) -> Result<(String, tincan_proto::PeerId)> {
+        let who = self.command(serde_json::json!({"cmd": "who"})).await?;
+        let me = who["peers"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["me"] == true))
+            .ok_or_else(|| anyhow!("{} not in its own list: {who}", self.name))?;
+        let addr = me["observed"].as_str().context("observed")?.to_string();
+        let key = tincan_proto::PeerId::from_hex(me["peer_id"].as_str().context("peer_id")?)?;
+        Ok((addr, key))
+    }
+
     /// Sends a message in JSON mode; returns its msg_id.
     pub async fn send(&mut self, to: &str, text: &str) -> Result<String> {
         let reply = self

@@ -85,14 +85,7 @@ async fn peer_refuses_a_sender_whose_key_is_not_bound_to_the_claimed_name() -> R
     let tracker = Tracker::start().await?;
     let mut bob = Peer::start_json("bob", &tracker).await?;
     let mut alice = Peer::start_json("alice", &tracker).await?;
-    let who = bob.command(serde_json::json!({"cmd": "who"})).await?;
-    let me = who["peers"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["me"] == true))
-        .context("bob in his own list")?
-        .clone();
-    let bob_addr = me["observed"].as_str().context("observed")?.to_string();
-    let bob_key = PeerId::from_hex(me["peer_id"].as_str().context("peer_id")?)?;
+    let (bob_addr, bob_key) = bob.own_address_and_key().await?;
 
     // An impostor (a fresh key) claims to be alice.
     let conn = connect(&bob_addr, ALPN_PEER, Some(bob_key)).await?;
@@ -141,14 +134,7 @@ async fn peer_closes_a_connection_that_sends_garbage_and_keeps_serving() -> Resu
     let tracker = Tracker::start().await?;
     let mut bob = Peer::start_json("bob", &tracker).await?;
     let mut alice = Peer::start_json("alice", &tracker).await?;
-    let who = bob.command(serde_json::json!({"cmd": "who"})).await?;
-    let me = who["peers"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["me"] == true))
-        .context("bob in his own list")?
-        .clone();
-    let bob_addr = me["observed"].as_str().context("observed")?.to_string();
-    let bob_key = PeerId::from_hex(me["peer_id"].as_str().context("peer_id")?)?;
+    let (bob_addr, bob_key) = bob.own_address_and_key().await?;
 
     let conn = connect(&bob_addr, ALPN_PEER, Some(bob_key)).await?;
     let (mut send, _recv) = conn.open_bi().await?;

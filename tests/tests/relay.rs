@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::ServerName;
 use serde_json::json;
 use tincan_proto::{
-    ALPN_PEER, Codec, Name, PeerId,
+    ALPN_PEER, Codec, Name,
     peer::{ToReceiver, ToSender},
     tls::{Identity, SERVER_NAME, client_config},
     tracker::{CircuitRefusal, FromTracker, ToTracker},
@@ -149,14 +149,7 @@ async fn a_peer_opening_circuits_in_a_loop_is_throttled_and_others_are_unaffecte
 async fn a_relayed_peer_presenting_another_key_is_refused_and_nothing_is_shown() -> Result<()> {
     let tracker = Tracker::start().await?;
     let mut bob = Peer::start_json("bob", &tracker).await?;
-    let who = bob.command(json!({"cmd": "who"})).await?;
-    let bob_key = PeerId::from_hex(
-        who["peers"]
-            .as_array()
-            .and_then(|p| p.iter().find(|p| p["me"] == true))
-            .and_then(|p| p["peer_id"].as_str())
-            .context("bob's key")?,
-    )?;
+    let (_, bob_key) = bob.own_address_and_key().await?;
     // mallory enrolls with one key, then speaks TLS inside the circuit with another.
     let enrolled_key = Identity::generate()?;
     let other_key = Identity::generate()?;
