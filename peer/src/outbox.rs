@@ -231,7 +231,7 @@ impl Inner {
             return self.offline(msg, reason).await;
         };
         if !self.observe_key(&info.name, info.id).await {
-            return self.final_state(&msg, key_changed(&info.name)).await;
+            return self.settle(&msg, key_changed(&info.name)).await;
         }
         if msg.hold_next {
             return self.hold(msg).await;
@@ -244,10 +244,10 @@ impl Inner {
                     // report it now rather than one dial timeout each.
                     let reason = e.to_string();
                     while let Ok(queued) = queue.try_recv() {
-                        self.final_state(&queued, State::Undeliverable(reason.clone()))
+                        self.settle(&queued, State::Undeliverable(reason.clone()))
                             .await;
                     }
-                    return self.final_state(&msg, State::Undeliverable(reason)).await;
+                    return self.settle(&msg, State::Undeliverable(reason)).await;
                 }
                 debug!(error = %e, "no direct path; leaving the message with the tracker");
                 return self.hold(msg).await;
@@ -271,7 +271,7 @@ impl Inner {
                 return Turn::Done;
             }
         };
-        self.set_state(&msg, State::Sent(link.path())).await;
+        self.settle(&msg, State::Sent(link.path())).await;
         self.tasks
             .spawn(self.clone().await_ack(msg, link.path(), acked));
         Turn::Done
@@ -286,7 +286,7 @@ impl Inner {
     ) {
         match tokio::time::timeout(ACK_TIMEOUT, acked).await {
             Ok(Ok(Ok(()))) => {
-                self.final_state(&msg, State::Delivered(path)).await;
+                self.settle(&msg, State::Delivered(path)).await;
             }
             Ok(Ok(Err(LinkError::Refused(Refusal::UnknownSender)))) => {
                 // The receiver could not yet tell that this key is ours
@@ -297,7 +297,7 @@ impl Inner {
             }
             Ok(Ok(Err(LinkError::Refused(reason)))) => {
                 let reason = format!("refused by {}: {reason}", msg.to);
-                self.final_state(&msg, State::Undeliverable(reason)).await;
+                self.settle(&msg, State::Undeliverable(reason)).await;
             }
             Ok(Ok(Err(e))) => self.retry(msg, e.to_string()).await,
             Ok(Err(_)) => self.retry(msg, "link dropped".into()).await,
@@ -318,7 +318,7 @@ impl Inner {
             if msg.attempts >= SEND_ATTEMPTS {
                 if !self.config.offline_delivery {
                     let reason = format!("unreachable: {error}");
-                    self.final_state(&msg, State::Undeliverable(reason)).await;
+                    self.settle(&msg, State::Undeliverable(reason)).await;
                     return;
                 }
                 msg.hold_next = true;
@@ -338,7 +338,7 @@ impl Inner {
         if self.config.offline_delivery {
             self.hold(msg).await
         } else {
-            self.final_state(&msg, State::Undeliverable(reason)).await
+            self.settle(&msg, State::Undeliverable(reason)).await
         }
     }
 
@@ -355,16 +355,16 @@ impl Inner {
                     "{} is not logged on and the tracker has no sealing key for that name",
                     msg.to
                 );
-                return self.final_state(&msg, State::Undeliverable(reason)).await;
+                return self.settle(&msg, State::Undeliverable(reason)).await;
             }
             Err(()) => return Turn::Wait(msg),
         };
         if !self.observe_key(&entry.name, entry.id).await {
-            return self.final_state(&msg, key_changed(&entry.name)).await;
+            return self.settle(&msg, key_changed(&entry.name)).await;
         }
         if !verify_seal_key(entry.id, &entry.seal) {
             let reason = format!("{}'s sealing key is not signed by its key", msg.to);
-            return self.final_state(&msg, State::Undeliverable(reason)).await;
+            return self.settle(&msg, State::Undeliverable(reason)).await;
         }
         let sealed = match seal(
             &self.identity,
@@ -377,9 +377,7 @@ impl Inner {
         ) {
             Ok(sealed) => sealed,
             Err(e) => {
-                return self
-                    .final_state(&msg, State::Undeliverable(e.to_string()))
-                    .await;
+                return self.settle(&msg, State::Undeliverable(e.to_string())).await;
             }
         };
         let (reply, rx) = oneshot::channel();
@@ -399,23 +397,23 @@ impl Inner {
         };
         let to = &entry.name;
         match result {
-            HoldResult::Held { .. } => self.set_state(&msg, State::Held).await,
+            HoldResult::Held { .. } => self.settle(&msg, State::Held).await,
             HoldResult::UnknownName => {
                 let reason = format!("{to} is not logged on and is not known to the tracker");
-                self.final_state(&msg, State::Undeliverable(reason)).await
+                self.settle(&msg, State::Undeliverable(reason)).await
             }
             HoldResult::KeyMismatch => {
                 let reason = format!("{to} is now bound to another key than the one sealed to");
-                self.final_state(&msg, State::Undeliverable(reason)).await
+                self.settle(&msg, State::Undeliverable(reason)).await
             }
             HoldResult::MailboxFull => {
                 let reason =
                     format!("{to} is not logged on and its mailbox on the tracker is full");
-                self.final_state(&msg, State::Undeliverable(reason)).await
+                self.settle(&msg, State::Undeliverable(reason)).await
             }
             HoldResult::TooLarge => {
                 let reason = "too large for the tracker to hold".to_string();
-                self.final_state(&msg, State::Undeliverable(reason)).await
+                self.settle(&msg, State::Undeliverable(reason)).await
             }
             HoldResult::Unavailable => Turn::Wait(msg),
         }
@@ -436,14 +434,8 @@ impl Inner {
             .map_err(|_| ())
     }
 
-    /// Records and announces a non-final state.
-    async fn set_state(&self, msg: &Outgoing, state: State) -> Turn {
-        self.record(msg.id, &msg.to, &state, msg.queued_at).await;
-        Turn::Done
-    }
-
-    /// Records and announces a final state.
-    async fn final_state(&self, msg: &Outgoing, state: State) -> Turn {
+    /// Records and announces a state; this task is done with the message.
+    async fn settle(&self, msg: &Outgoing, state: State) -> Turn {
         self.record(msg.id, &msg.to, &state, msg.queued_at).await;
         Turn::Done
     }

@@ -19,7 +19,7 @@ use futures_util::{SinkExt, StreamExt};
 use quinn::{RecvStream, SendStream};
 use rustls::pki_types::ServerName;
 use tincan_proto::{
-    ALPN_PEER, Codec, close,
+    ALPN_PEER, Codec,
     tls::{SERVER_NAME, client_config, peer_id_of, server_config},
     tracker::{FromTracker, PeerInfo, ToTracker},
 };
@@ -215,7 +215,6 @@ pub async fn accept_circuit(inner: Arc<Inner>, send: SendStream, recv: RecvStrea
     }
     let (recv, send) = tokio::io::split(tls);
     let close = |_code: u32, _why: &'static [u8]| {};
-    let _ = close::NORMAL;
     if let Err(reason) = serve_stream(&inner, from_id, Path::Relay, &close, recv, send).await {
         debug!(%reason, "relayed message stream ended");
     }
