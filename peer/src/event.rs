@@ -36,10 +36,10 @@ impl Path {
 
 /// Handed out with every incoming message: the front end calls
 /// [`Shown::done`] (or drops it) right after the message is on the user's
-/// screen. That records it as shown, synchronously, on the caller's thread
-/// (so the window in which a crash could show it twice is one SQLite
-/// update), and only then is it acknowledged: a crash before showing makes
-/// the sender resend instead of the message being lost.
+/// screen. That queues the "shown" mark for the next commit of `peer.db`,
+/// and lets the acknowledgement go (once the message's row is committed):
+/// a crash before showing makes the sender resend instead of the message
+/// being lost.
 pub struct Shown {
     record: Option<Box<dyn FnOnce() + Send>>,
     ack: Option<tokio::sync::oneshot::Sender<()>>,

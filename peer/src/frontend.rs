@@ -202,7 +202,7 @@ impl Output {
                         return Flow::Continue;
                     }
                 };
-                match node.history(with, limit) {
+                match node.history(with, limit).await {
                     Ok(entries) if entries.is_empty() => {
                         self.line(&format!("no messages with {with} yet"))
                     }
@@ -225,7 +225,7 @@ impl Output {
                     None => self.line(&format!("{name} is not on the client list")),
                 },
             },
-            "/accept" => match node.accept_key(rest) {
+            "/accept" => match node.accept_key(rest).await {
                 Ok(Some(key)) => self.line(&format!("now trusting {rest}'s new key {key}")),
                 Ok(None) => self.line(&format!("no changed key is waiting for {rest}")),
                 Err(e) => self.error(None, &e.to_string()),
@@ -286,7 +286,7 @@ impl Output {
                     .map_or(DEFAULT_HISTORY, |n| {
                         usize::try_from(n).unwrap_or(MAX_HISTORY).min(MAX_HISTORY)
                     });
-                match node.history(with, limit) {
+                match node.history(with, limit).await {
                     Ok(entries) => {
                         let messages: Vec<Value> =
                             entries.iter().map(|e| history_json(node, e)).collect();
@@ -295,7 +295,7 @@ impl Output {
                     Err(e) => self.error(Some(&id), &e.to_string()),
                 }
             }
-            Some("outbox") => match node.outbox() {
+            Some("outbox") => match node.outbox().await {
                 Ok(pending) => {
                     let messages: Vec<Value> = pending
                         .iter()
@@ -310,7 +310,7 @@ impl Output {
                     self.error(Some(&id), "accept_key needs a string field \"name\"");
                     return Flow::Continue;
                 };
-                match node.accept_key(name) {
+                match node.accept_key(name).await {
                     Ok(Some(key)) => {
                         self.json(json!({"id": id, "ok": true, "peer_id": key.to_string()}))
                     }

@@ -31,7 +31,7 @@ use std::{
     time::Duration,
 };
 
-use futures_util::{FutureExt, SinkExt, StreamExt, future::select_ok};
+use futures_util::{FutureExt, SinkExt, StreamExt, future::select_ok, stream::FuturesUnordered};
 use quinn::Connection;
 use tincan_proto::{
     ALPN_PEER, Codec, MAX_BODY_LEN, MessageId, Name, PeerId, close,
@@ -50,11 +50,11 @@ use tokio_util::{
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
-    event::{Event, Path, Shown},
+    event::{Event, Path},
     net,
     node::Inner,
     relay,
-    store::Incoming,
+    store::StoreError,
     tracker_client::Command,
 };
 
@@ -64,6 +64,9 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages queued for one link's writer.
 pub const OUT_QUEUE: usize = 1024;
+/// Incoming messages on one stream shown or being shown but not yet
+/// acknowledged; past this the stream is not read until acks go out.
+pub const RECEIVE_WINDOW: usize = 1024;
 /// Most simultaneous direct links (connections) per peer process.
 pub const MAX_LINKS: usize = 256;
 /// How long the losing connection of a simultaneous dial stays open.
@@ -845,69 +848,71 @@ where
         let _ = writer.get_mut().shutdown().await;
         return Err(format!("unauthorized sender claiming {from}"));
     }
+    // Messages shown (or being shown) whose ack waits for the user's
+    // screen and the commit of their row; acks go out as those complete,
+    // many per flush, while the next messages are read.
+    let mut unacked = FuturesUnordered::new();
     loop {
-        match reader.next().await {
-            Some(Ok(ToReceiver::Msg {
-                id,
-                sent_at_ms,
-                body,
-            })) => {
-                if body.len() > MAX_BODY_LEN {
-                    let _ = writer
-                        .send(ToSender::Refused {
-                            reason: Refusal::TooLarge,
-                        })
-                        .await;
-                    close(close::PROTOCOL, b"message too large");
-                    return Err("oversized message".into());
+        tokio::select! {
+            biased;
+            Some(done) = unacked.next(), if !unacked.is_empty() => {
+                let mut done: Result<MessageId, StoreError> = done;
+                loop {
+                    let id = match done {
+                        Ok(id) => id,
+                        Err(e) => {
+                            // Not recorded, so not acknowledged: the sender resends.
+                            warn!(error = %e, "cannot record an incoming message");
+                            close(close::NORMAL, b"storage failure");
+                            return Err(e.to_string());
+                        }
+                    };
+                    writer.feed(ToSender::Ack { id }).await.map_err(|e| e.to_string())?;
+                    match unacked.next().now_or_never() {
+                        Some(Some(next)) => done = next,
+                        _ => break,
+                    }
                 }
-                // Record, show, then mark shown: a crash in between makes
-                // the sender resend, and the message is shown (not lost).
-                match inner
-                    .store
-                    .receive(peer, &from, id, &body, sent_at_ms, path.as_str())
-                {
-                    Ok(Incoming::New | Incoming::NotShown) => {
-                        let recorder = inner.clone();
-                        let (shown, on_screen) = Shown::new(move || {
-                            if let Err(e) = recorder.store.mark_shown(peer, id) {
-                                warn!(error = %e, "cannot record a shown message");
-                            }
-                        });
-                        inner
-                            .emit(Event::Message {
-                                from: from.clone(),
-                                text: body,
-                                id,
-                                path,
-                                sent_at_ms,
-                                shown,
+                SinkExt::<ToSender>::flush(&mut writer).await.map_err(|e| e.to_string())?;
+            }
+            frame = reader.next(), if unacked.len() < RECEIVE_WINDOW => match frame {
+                Some(Ok(ToReceiver::Msg {
+                    id,
+                    sent_at_ms,
+                    body,
+                })) => {
+                    if body.len() > MAX_BODY_LEN {
+                        let _ = writer
+                            .send(ToSender::Refused {
+                                reason: Refusal::TooLarge,
                             })
                             .await;
-                        let _ = on_screen.await;
+                        close(close::PROTOCOL, b"message too large");
+                        return Err("oversized message".into());
                     }
-                    Ok(Incoming::Shown) => {}
-                    Err(e) => {
-                        // Not recorded, so not acknowledged: the sender resends.
-                        warn!(error = %e, "cannot record an incoming message");
-                        close(close::NORMAL, b"storage failure");
-                        return Err(e.to_string());
-                    }
+                    let acknowledge = match inner
+                        .take_incoming(peer, &from, id, body, sent_at_ms, path)
+                        .await
+                    {
+                        Ok(acknowledge) => acknowledge,
+                        Err(e) => {
+                            warn!(error = %e, "cannot record an incoming message");
+                            close(close::NORMAL, b"storage failure");
+                            return Err(e.to_string());
+                        }
+                    };
+                    unacked.push(acknowledge.map(move |r| r.map(|()| id)));
                 }
-                writer
-                    .send(ToSender::Ack { id })
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            Some(Ok(ToReceiver::Open { .. })) => {
-                close(close::PROTOCOL, b"second Open");
-                return Err("second Open on one stream".into());
-            }
-            Some(Err(e)) => {
-                close(close::BAD_FRAME, b"bad frame");
-                return Err(e.to_string());
-            }
-            None => return Ok(()),
+                Some(Ok(ToReceiver::Open { .. })) => {
+                    close(close::PROTOCOL, b"second Open");
+                    return Err("second Open on one stream".into());
+                }
+                Some(Err(e)) => {
+                    close(close::BAD_FRAME, b"bad frame");
+                    return Err(e.to_string());
+                }
+                None => return Ok(()),
+            },
         }
     }
 }

@@ -14,10 +14,9 @@ use tracing::warn;
 
 use crate::{
     delivery::State,
-    event::{Event, Path, Shown},
+    event::{Event, Path},
     node::Inner,
     outbox::since_ms,
-    store::Incoming,
     tracker_client::Command,
 };
 
@@ -74,40 +73,23 @@ async fn receive_held(inner: &Arc<Inner>, held: HeldMessage) {
     if !inner.observe_key(&letter.from, letter.from_id).await {
         return reject(format!("{}'s key changed; see /verify", letter.from)).await;
     }
-    let incoming = inner.store.receive(
-        letter.from_id,
-        &letter.from,
-        letter.id,
-        &letter.body,
-        letter.sent_at_ms,
-        Path::Held.as_str(),
-    );
-    match incoming {
-        Ok(Incoming::New | Incoming::NotShown) => {
-            let (recorder, from_id, id) = (inner.clone(), letter.from_id, letter.id);
-            let (shown, on_screen) = Shown::new(move || {
-                if let Err(e) = recorder.store.mark_shown(from_id, id) {
-                    warn!(error = %e, "cannot record a shown message");
-                }
-            });
-            inner
-                .emit(Event::Message {
-                    from: letter.from.clone(),
-                    text: letter.body,
-                    id: letter.id,
-                    path: Path::Held,
-                    sent_at_ms: letter.sent_at_ms,
-                    shown,
-                })
-                .await;
-            let _ = on_screen.await;
-        }
-        Ok(Incoming::Shown) => {}
-        Err(e) => {
-            // Not recorded: do not acknowledge; the tracker offers it again.
-            warn!(error = %e, "cannot record a held message");
-            return;
-        }
+    let shown = inner
+        .take_incoming(
+            letter.from_id,
+            &letter.from,
+            letter.id,
+            letter.body,
+            letter.sent_at_ms,
+            Path::Held,
+        )
+        .await;
+    if let Err(e) = match shown {
+        Ok(acknowledge) => acknowledge.await,
+        Err(e) => Err(e),
+    } {
+        // Not recorded: no receipt; the tracker offers it again.
+        warn!(error = %e, "cannot record a held message");
+        return;
     }
     match sign_receipt(&inner.identity, letter.from_id, letter.id) {
         Ok(receipt) => {
@@ -140,7 +122,7 @@ async fn on_notice(inner: &Inner, notice: Notice) {
     };
     let state = match notice.kind {
         NoticeKind::Delivered { by, receipt } => {
-            let pinned = inner.store.pinned_key(&to).ok().flatten();
+            let pinned = inner.store.pinned_key(&to);
             let genuine = pinned.is_none_or(|k| k == by)
                 && verify_receipt(by, inner.identity.id(), notice.id, &receipt);
             if !genuine {

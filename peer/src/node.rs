@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::{FutureExt, future::BoxFuture};
 use quinn::Endpoint;
 use tincan_proto::{
     MAX_BODY_LEN, MessageId, Name, NameError, PeerId,
@@ -26,11 +27,11 @@ use tracing::{info, warn};
 
 use crate::{
     directory::Directory,
-    event::{Event, Path},
+    event::{Event, Path, Shown},
     links::{self, Links},
     mail, net,
     outbox::{self, Outgoing},
-    store::{HistoryEntry, KeyCheck, Pending, Store, StoreError, now_ms},
+    store::{HistoryEntry, Incoming, KeyCheck, Pending, Store, StoreError, now_ms},
     tracker_client::{self, Command, EnrollError, Enrolled},
 };
 
@@ -161,6 +162,45 @@ impl Inner {
         let _ = self.events.send(event).await;
     }
 
+    /// An incoming message (direct, relayed or held): shown once. Records
+    /// it, hands it to the front end, and returns what must complete
+    /// before it is acknowledged: the user has seen it and its row is
+    /// committed. A message shown before is acknowledged at once.
+    pub(crate) async fn take_incoming(
+        self: &Arc<Self>,
+        from_id: PeerId,
+        from: &Name,
+        id: MessageId,
+        text: String,
+        sent_at_ms: u64,
+        path: Path,
+    ) -> Result<BoxFuture<'static, Result<(), StoreError>>, StoreError> {
+        let (incoming, recorded) =
+            self.store
+                .receive(from_id, from, id, &text, sent_at_ms, path.as_str())?;
+        if incoming == Incoming::Shown {
+            return Ok(Box::pin(std::future::ready(Ok(()))));
+        }
+        let recorder = self.clone();
+        let (shown, on_screen) = Shown::new(move || recorder.store.mark_shown(from_id, id));
+        self.emit(Event::Message {
+            from: from.clone(),
+            text,
+            id,
+            path,
+            sent_at_ms,
+            shown,
+        })
+        .await;
+        Ok(Box::pin(async move {
+            let _ = on_screen.await;
+            match recorded {
+                Some(recorded) => recorded.wait().await,
+                None => Ok(()),
+            }
+        }))
+    }
+
     pub(crate) fn tracker_pin(&self) -> Option<PeerId> {
         *self.tracker_pin.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -194,8 +234,8 @@ impl Inner {
             return true;
         }
         match self.store.check_key(name, key) {
-            Ok(KeyCheck::FirstSeen | KeyCheck::Known) => true,
-            Ok(KeyCheck::Changed { pinned }) => {
+            KeyCheck::FirstSeen | KeyCheck::Known => true,
+            KeyCheck::Changed { pinned } => {
                 warn!(%name, pinned = %pinned.short(), announced = %key.short(), "key changed");
                 self.emit(Event::KeyChanged {
                     name: name.clone(),
@@ -203,10 +243,6 @@ impl Inner {
                     announced: key,
                 })
                 .await;
-                false
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot check a key");
                 false
             }
         }
@@ -227,7 +263,7 @@ impl Inner {
                 Ok(_) => false,
                 // The tracker is away: a key this peer pinned for the name
                 // before is still good.
-                Err(()) => self.store.pinned_key(name).ok().flatten() == Some(key),
+                Err(()) => self.store.pinned_key(name) == Some(key),
             },
         };
         bound && self.observe_key(name, key).await
@@ -265,6 +301,7 @@ impl Inner {
             if let Err(e) = self
                 .store
                 .pin_tracker_key(&self.config.tracker, enrolled.tracker_id)
+                .await
             {
                 warn!(error = %e, "cannot save the tracker key");
             }
@@ -369,7 +406,7 @@ impl Node {
             .spawn(tracker_client::run(inner.clone(), enrolled, commands));
         inner.tasks.spawn(links::accept_loop(inner.clone()));
         inner.tasks.spawn(mail::run(inner.clone(), mail_rx));
-        let pending = inner.store.outbox()?;
+        let pending = inner.store.outbox().await?;
         if !pending.is_empty() {
             info!(count = pending.len(), "resuming unfinished messages");
             inner.tasks.spawn(outbox::resume(inner.clone(), pending));
@@ -389,9 +426,11 @@ impl Node {
         self.inner.local_addr
     }
 
-    /// Accepts a message for `to` and returns its id at once: it is in
-    /// `peer.db` (state `queued`) before this returns, and its fate (sent,
-    /// held, delivered, undeliverable) arrives as events. Waits only when
+    /// Accepts a message for `to` and returns its id at once; its fate
+    /// (sent, held, delivered, undeliverable) arrives as events. Its row
+    /// (state `queued`) goes to `peer.db` in the next group commit, usually
+    /// well under a millisecond; the message travels meanwhile, and no
+    /// state after `sent` is reported before that commit. Waits only when
     /// [`MAX_IN_FLIGHT`] messages are already on their way.
     pub async fn send(&self, to: &str, text: &str) -> Result<MessageId, SendError> {
         let to = Name::parse(to)?;
@@ -416,8 +455,16 @@ impl Node {
             .map_err(|_| SendError::ShuttingDown)?;
         let id = MessageId::random();
         let sent_at_ms = now_ms();
-        self.inner.store.queue(id, &to, text, sent_at_ms)?;
-        let msg = Outgoing::new(id, to.clone(), text.to_owned(), sent_at_ms, permit);
+        let recorded = self.inner.store.queue(id, &to, text, sent_at_ms);
+        let recorded = recorded.wait().boxed().shared();
+        let msg = Outgoing::new(
+            id,
+            to.clone(),
+            text.to_owned(),
+            sent_at_ms,
+            permit,
+            recorded,
+        );
         self.inner.enqueue(&to, msg).await?;
         Ok(id)
     }
@@ -435,21 +482,21 @@ impl Node {
     }
 
     /// The last `limit` messages exchanged with `with`, oldest first.
-    pub fn history(&self, with: &str, limit: usize) -> Result<Vec<HistoryEntry>, SendError> {
+    pub async fn history(&self, with: &str, limit: usize) -> Result<Vec<HistoryEntry>, SendError> {
         let with = Name::parse(with)?;
-        Ok(self.inner.store.history(&with, limit)?)
+        Ok(self.inner.store.history(&with, limit).await?)
     }
 
     /// Messages not yet delivered or undeliverable.
-    pub fn outbox(&self) -> Result<Vec<Pending>, StoreError> {
-        self.inner.store.outbox()
+    pub async fn outbox(&self) -> Result<Vec<Pending>, StoreError> {
+        self.inner.store.outbox().await
     }
 
     /// Trusts the new key the tracker announced for `name` (after the user
     /// checked it); returns it, or `None` if no change was pending.
-    pub fn accept_key(&self, name: &str) -> Result<Option<PeerId>, SendError> {
+    pub async fn accept_key(&self, name: &str) -> Result<Option<PeerId>, SendError> {
         let name = Name::parse(name)?;
-        Ok(self.inner.store.accept_key(&name)?)
+        Ok(self.inner.store.accept_key(&name).await?)
     }
 
     /// Waits (at most `max`) until every message sent so far has reached a
@@ -494,6 +541,8 @@ impl Node {
         self.inner.tasks.close();
         let _ = tokio::time::timeout(TASKS_GRACE, self.inner.tasks.wait()).await;
         let _ = tokio::time::timeout(CLOSE_GRACE, self.inner.endpoint.wait_idle()).await;
+        // Everything recorded so far reaches the disk.
+        self.inner.store.close().await;
         tracing::debug!(took = ?started.elapsed(), "stopped");
     }
 }

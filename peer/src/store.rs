@@ -1,7 +1,7 @@
 //! The peer's SQLite database (`peer.db` in its data directory):
 //!
 //! - `sent`: every message this peer sent, with its state. A message is
-//!   written here *before* it is sent; the outbox is the rows not yet final
+//!   written here when it is accepted; the outbox is the rows not yet final
 //!   (`queued`, `sent`, `held`), and is resent after a restart.
 //! - `received`: every message shown to this user, keyed by (sender key,
 //!   id): the durable "shown once" set, and the other half of the history.
@@ -9,26 +9,50 @@
 //!   first use), and a changed key waiting for the user's decision.
 //! - `tracker_keys`: the pinned key of each tracker.
 //!
+//! One thread (`peer-db`) owns the writing connection and applies every
+//! write in the order it was submitted, many to a transaction (group
+//! commit: one WAL commit for everything that queued up while the last one
+//! ran). The hot path never waits for SQLite to *decide* anything: the
+//! states of unfinished outgoing messages (the ledger), the received ids
+//! whose row is not yet committed, and the pinned keys live in memory, and
+//! the database follows them. Callers wait for a commit only where
+//! durability is the point: a message is acknowledged (sent or received)
+//! only once its row is committed ([`Durable`]). Reads of committed rows use
+//! a second connection (WAL readers do not block the writer); an entry
+//! leaves the in-memory maps only after its last write committed, so
+//! "memory, else the read connection" never misses a write.
+//!
 //! Opening a file that is not a tincan database is an error naming the
-//! file; nothing is ever silently reset. Each call is a few indexed
-//! statements on a WAL database (synchronous=NORMAL), done inline.
+//! file; nothing is ever silently reset.
 
 use std::{
+    collections::HashMap,
     path::Path,
-    sync::Mutex,
+    sync::{Arc, Mutex, MutexGuard, mpsc as std_mpsc},
+    thread::JoinHandle,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tincan_proto::{MessageId, Name, PeerId};
+use tokio::sync::oneshot;
+use tracing::warn;
 
 use crate::delivery::State;
 
-#[derive(Debug, thiserror::Error)]
-#[error("database {path}: {source}")]
+/// Writes waiting for the database thread; past this, submitting blocks
+/// until it catches up (back-pressure, never an unbounded queue).
+pub const STORE_QUEUE: usize = 8192;
+/// Most writes committed in one transaction.
+pub const STORE_BATCH: usize = 1024;
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE: usize = 32;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("database {path}: {reason}")]
 pub struct StoreError {
     path: String,
-    source: rusqlite::Error,
+    reason: String,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -91,248 +115,547 @@ pub enum KeyCheck {
     Changed { pinned: PeerId },
 }
 
+/// Resolves once a write is committed (or failed).
+pub struct Durable(oneshot::Receiver<Result<(), StoreError>>);
+
+impl Durable {
+    pub async fn wait(self) -> Result<(), StoreError> {
+        self.0.await.unwrap_or_else(|_| {
+            Err(StoreError {
+                path: String::new(),
+                reason: "the database thread stopped".into(),
+            })
+        })
+    }
+}
+
+/// Runs after the transaction holding its job ended; `true` if it committed.
+type AfterCommit = Box<dyn FnOnce(bool) + Send>;
+/// A unit of work for the database thread, inside the open transaction.
+type Job = Box<dyn FnOnce(&Connection) -> Option<AfterCommit> + Send>;
+
+/// An unfinished outgoing message (or a finished one whose final state is
+/// not committed yet).
+struct Entry {
+    to: Name,
+    sent_at_ms: u64,
+    state: State,
+}
+
+/// A pinned key and a changed one waiting for `/accept`.
+#[derive(Clone, Copy)]
+struct Known {
+    key: PeerId,
+    pending: Option<PeerId>,
+}
+
+type ReceivedKey = (PeerId, MessageId);
+
 pub struct Store {
-    db: Mutex<Connection>,
     path: String,
+    jobs: Mutex<Option<std_mpsc::SyncSender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    read: Mutex<Connection>,
+    ledger: Arc<Mutex<HashMap<MessageId, Entry>>>,
+    /// Received ids whose latest write is not committed, and whether shown.
+    fresh: Arc<Mutex<HashMap<ReceivedKey, bool>>>,
+    keys: Mutex<HashMap<String, Known>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const SCHEMA: &str = "PRAGMA journal_mode = WAL;
+     PRAGMA synchronous = NORMAL;
+     PRAGMA busy_timeout = 5000;
+     CREATE TABLE IF NOT EXISTS tracker_keys (
+         tracker TEXT PRIMARY KEY,
+         key     BLOB NOT NULL
+     );
+     CREATE TABLE IF NOT EXISTS sent (
+         seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+         id         BLOB NOT NULL UNIQUE,
+         to_name    TEXT NOT NULL,
+         to_key     TEXT NOT NULL,
+         body       TEXT NOT NULL,
+         sent_at_ms INTEGER NOT NULL,
+         state      TEXT NOT NULL,
+         path       TEXT,
+         reason     TEXT,
+         updated_ms INTEGER NOT NULL
+     );
+     CREATE INDEX IF NOT EXISTS sent_open ON sent (state) WHERE state IN ('queued', 'sent', 'held');
+     CREATE INDEX IF NOT EXISTS sent_with ON sent (to_key, seq);
+     CREATE TABLE IF NOT EXISTS received (
+         from_id     BLOB NOT NULL,
+         id          BLOB NOT NULL,
+         from_name   TEXT NOT NULL,
+         from_key    TEXT NOT NULL,
+         body        TEXT NOT NULL,
+         sent_at_ms  INTEGER NOT NULL,
+         received_ms INTEGER NOT NULL,
+         path        TEXT NOT NULL,
+         shown       INTEGER NOT NULL,
+         PRIMARY KEY (from_id, id)
+     );
+     CREATE INDEX IF NOT EXISTS received_with ON received (from_key, received_ms);
+     CREATE TABLE IF NOT EXISTS known_keys (
+         name_key    TEXT PRIMARY KEY,
+         name        TEXT NOT NULL,
+         key         BLOB NOT NULL,
+         pending_key BLOB
+     );";
+
+fn peer_id(bytes: &[u8]) -> Option<PeerId> {
+    <[u8; 32]>::try_from(bytes).ok().map(PeerId)
+}
+
+fn message_id(bytes: &[u8]) -> Option<MessageId> {
+    <[u8; 16]>::try_from(bytes).ok().map(MessageId)
+}
+
+/// The unfinished outgoing messages, oldest first.
+fn open_messages(db: &Connection) -> rusqlite::Result<Vec<Pending>> {
+    let mut stmt = db.prepare_cached(
+        "SELECT id, to_name, body, sent_at_ms, state, path, reason FROM sent
+         WHERE state IN ('queued', 'sent', 'held') ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, Vec<u8>>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, Option<String>>(5)?,
+            r.get::<_, Option<String>>(6)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, to, body, sent_at_ms, state, path, reason) = row?;
+        let (Some(id), Ok(to), Some(state)) = (
+            message_id(&id),
+            Name::parse(&to),
+            State::from_columns(&state, path.as_deref(), reason.as_deref()),
+        ) else {
+            continue;
+        };
+        out.push(Pending {
+            id,
+            to,
+            body,
+            sent_at_ms: u64::try_from(sent_at_ms).unwrap_or(0),
+            state,
+        });
+    }
+    Ok(out)
+}
+
+fn known_keys(db: &Connection) -> rusqlite::Result<HashMap<String, Known>> {
+    let mut stmt = db.prepare("SELECT name_key, key, pending_key FROM known_keys")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, Option<Vec<u8>>>(2)?,
+        ))
+    })?;
+    let mut out = HashMap::new();
+    for row in rows {
+        let (name_key, key, pending) = row?;
+        if let Some(key) = peer_id(&key) {
+            let pending = pending.as_deref().and_then(peer_id);
+            out.insert(name_key, Known { key, pending });
+        }
+    }
+    Ok(out)
+}
+
+fn history_rows(db: &Connection, with: &str, limit: usize) -> rusqlite::Result<Vec<HistoryEntry>> {
+    let mut stmt = db.prepare_cached(
+        "SELECT * FROM (
+             SELECT id, 1 AS outgoing, to_name AS party, body, sent_at_ms AS at_ms, state, path, reason
+               FROM sent WHERE to_key = ?1
+             UNION ALL
+             SELECT id, 0, from_name, body, received_ms, 'received', path, NULL
+               FROM received WHERE from_key = ?1
+         ) ORDER BY at_ms DESC LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(
+        params![with, i64::try_from(limit).unwrap_or(i64::MAX)],
+        |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<String>>(7)?,
+            ))
+        },
+    )?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, outgoing, with, body, at_ms, state, path, reason) = row?;
+        let Some(id) = message_id(&id) else {
+            continue;
+        };
+        out.push(HistoryEntry {
+            id,
+            outgoing,
+            with,
+            body,
+            at_ms: u64::try_from(at_ms).unwrap_or(0),
+            state,
+            path,
+            reason,
+        });
+    }
+    out.reverse();
+    Ok(out)
+}
+
+/// The database thread: waits for a job, then runs it and every job
+/// already waiting (up to [`STORE_BATCH`]) in one transaction, commits,
+/// and only then tells the jobs' waiters.
+fn run_writer(db: Connection, jobs: std_mpsc::Receiver<Job>, path: String) {
+    let mut after: Vec<AfterCommit> = Vec::new();
+    while let Ok(first) = jobs.recv() {
+        let began = db.execute_batch("BEGIN");
+        let mut next = Some(first);
+        let mut count = 0;
+        while let Some(job) = next.take() {
+            after.extend(job(&db));
+            count += 1;
+            if count < STORE_BATCH {
+                next = jobs.try_recv().ok();
+            }
+        }
+        let committed = began.and_then(|()| db.execute_batch("COMMIT"));
+        if let Err(e) = &committed {
+            warn!(path, error = %e, "cannot commit to the database");
+            let _ = db.execute_batch("ROLLBACK");
+        }
+        let ok = committed.is_ok();
+        for done in after.drain(..) {
+            done(ok);
+        }
+    }
 }
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
-        let err = |source| StoreError {
+        let err = |e: rusqlite::Error| StoreError {
             path: shown.clone(),
-            source,
+            reason: e.to_string(),
         };
         let db = Connection::open(path).map_err(err)?;
-        db.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             PRAGMA busy_timeout = 5000;
-             CREATE TABLE IF NOT EXISTS tracker_keys (
-                 tracker TEXT PRIMARY KEY,
-                 key     BLOB NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS sent (
-                 seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-                 id         BLOB NOT NULL UNIQUE,
-                 to_name    TEXT NOT NULL,
-                 to_key     TEXT NOT NULL,
-                 body       TEXT NOT NULL,
-                 sent_at_ms INTEGER NOT NULL,
-                 state      TEXT NOT NULL,
-                 path       TEXT,
-                 reason     TEXT,
-                 updated_ms INTEGER NOT NULL
-             );
-             CREATE INDEX IF NOT EXISTS sent_open ON sent (state) WHERE state IN ('queued', 'sent', 'held');
-             CREATE INDEX IF NOT EXISTS sent_with ON sent (to_key, seq);
-             CREATE TABLE IF NOT EXISTS received (
-                 from_id     BLOB NOT NULL,
-                 id          BLOB NOT NULL,
-                 from_name   TEXT NOT NULL,
-                 from_key    TEXT NOT NULL,
-                 body        TEXT NOT NULL,
-                 sent_at_ms  INTEGER NOT NULL,
-                 received_ms INTEGER NOT NULL,
-                 path        TEXT NOT NULL,
-                 shown       INTEGER NOT NULL,
-                 PRIMARY KEY (from_id, id)
-             );
-             CREATE INDEX IF NOT EXISTS received_with ON received (from_key, received_ms);
-             CREATE TABLE IF NOT EXISTS known_keys (
-                 name_key    TEXT PRIMARY KEY,
-                 name        TEXT NOT NULL,
-                 key         BLOB NOT NULL,
-                 pending_key BLOB
-             );",
-        )
-        .map_err(err)?;
+        db.execute_batch(SCHEMA).map_err(err)?;
+        db.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        let read = Connection::open(path).map_err(err)?;
+        read.execute_batch("PRAGMA busy_timeout = 5000;")
+            .map_err(err)?;
+        read.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        let ledger = open_messages(&db)
+            .map_err(err)?
+            .into_iter()
+            .map(|p| {
+                let entry = Entry {
+                    to: p.to,
+                    sent_at_ms: p.sent_at_ms,
+                    state: p.state,
+                };
+                (p.id, entry)
+            })
+            .collect();
+        let keys = known_keys(&db).map_err(err)?;
+        let (tx, rx) = std_mpsc::sync_channel(STORE_QUEUE);
+        let thread_path = shown.clone();
+        let thread = std::thread::Builder::new()
+            .name("peer-db".into())
+            .spawn(move || run_writer(db, rx, thread_path))
+            .map_err(|e| StoreError {
+                path: shown.clone(),
+                reason: format!("cannot start the database thread: {e}"),
+            })?;
         Ok(Self {
-            db: Mutex::new(db),
             path: shown,
+            jobs: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            read: Mutex::new(read),
+            ledger: Arc::new(Mutex::new(ledger)),
+            fresh: Arc::default(),
+            keys: Mutex::new(keys),
         })
     }
 
-    fn err(&self, source: rusqlite::Error) -> StoreError {
+    fn err(&self, e: impl std::fmt::Display) -> StoreError {
         StoreError {
             path: self.path.clone(),
-            source,
+            reason: e.to_string(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    /// Hands a job to the database thread (blocks while [`STORE_QUEUE`]
+    /// jobs wait). False if the thread is gone.
+    fn submit(&self, job: Job) -> bool {
+        let jobs = locked(&self.jobs).clone();
+        jobs.is_some_and(|tx| tx.send(job).is_ok())
+    }
+
+    /// Runs `f` on the writing connection after every job submitted before
+    /// it, and resolves with its result once its transaction committed.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let path = self.path.clone();
+        let job: Job = Box::new(move |db| {
+            let result = f(db).map_err(|e| e.to_string());
+            Some(Box::new(move |committed| {
+                let result = match result {
+                    Ok(_) if !committed => Err("the transaction did not commit".to_string()),
+                    other => other,
+                };
+                let _ = tx.send(result.map_err(|reason| StoreError { path, reason }));
+            }))
+        });
+        if !self.submit(job) {
+            return Err(self.err("the database thread stopped"));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(self.err("the database thread stopped")))
+    }
+
+    /// A write that reports when it is committed.
+    fn durable_write(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
+        after: impl FnOnce(bool) + Send + 'static,
+    ) -> Durable {
+        let (tx, rx) = oneshot::channel();
+        let path = self.path.clone();
+        let job: Job = Box::new(move |db| {
+            let result = f(db);
+            Some(Box::new(move |committed| {
+                let ok = committed && result.is_ok();
+                after(ok);
+                let result = match result {
+                    Err(e) => Err(e.to_string()),
+                    Ok(()) if !committed => Err("the transaction did not commit".into()),
+                    Ok(()) => Ok(()),
+                };
+                let _ = tx.send(result.map_err(|reason| StoreError { path, reason }));
+            }))
+        });
+        if !self.submit(job) {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(self.err("the database thread stopped")));
+            return Durable(rx);
+        }
+        Durable(rx)
+    }
+
+    /// A write nobody waits for; a failure is logged.
+    fn write_behind(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
+        after: impl FnOnce(bool) + Send + 'static,
+    ) {
+        let path = self.path.clone();
+        let job: Job = Box::new(move |db| {
+            let result = f(db);
+            if let Err(e) = &result {
+                warn!(path, error = %e, "cannot write to the database");
+            }
+            let ok = result.is_ok();
+            Some(Box::new(move |committed| after(committed && ok)))
+        });
+        if !self.submit(job) {
+            warn!(
+                path = self.path,
+                "the database thread stopped; a write is lost"
+            );
+        }
+    }
+
+    /// Waits until everything submitted so far is committed, then stops the
+    /// database thread. Later writes fail.
+    pub async fn close(&self) {
+        let _ = self.call(|_| Ok(())).await;
+        locked(&self.jobs).take();
+        let thread = locked(&self.thread).take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    fn read(&self) -> MutexGuard<'_, Connection> {
+        locked(&self.read)
     }
 
     /// The key pinned for the tracker at `tracker` (as given on the command line).
     pub fn tracker_key(&self, tracker: &str) -> Result<Option<PeerId>, StoreError> {
         let key: Option<Vec<u8>> = self
-            .lock()
-            .query_row(
-                "SELECT key FROM tracker_keys WHERE tracker = ?1",
-                params![tracker],
-                |row| row.get(0),
-            )
-            .optional()
+            .read()
+            .prepare_cached("SELECT key FROM tracker_keys WHERE tracker = ?1")
+            .and_then(|mut s| s.query_row(params![tracker], |row| row.get(0)).optional())
             .map_err(|e| self.err(e))?;
-        Ok(key.and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok().map(PeerId)))
+        Ok(key.as_deref().and_then(peer_id))
     }
 
-    pub fn pin_tracker_key(&self, tracker: &str, key: PeerId) -> Result<(), StoreError> {
-        self.lock()
-            .execute(
+    pub async fn pin_tracker_key(&self, tracker: &str, key: PeerId) -> Result<(), StoreError> {
+        let tracker = tracker.to_owned();
+        self.call(move |db| {
+            db.prepare_cached(
                 "INSERT INTO tracker_keys (tracker, key) VALUES (?1, ?2)
                  ON CONFLICT(tracker) DO UPDATE SET key = ?2",
-                params![tracker, &key.0[..]],
-            )
-            .map_err(|e| self.err(e))?;
-        Ok(())
+            )?
+            .execute(params![tracker, &key.0[..]])
+            .map(drop)
+        })
+        .await
     }
 
     // ---- outgoing ----------------------------------------------------------
 
-    /// Records a new outgoing message as `queued`, before anything is sent.
-    pub fn queue(
-        &self,
-        id: MessageId,
-        to: &Name,
-        body: &str,
-        sent_at_ms: u64,
-    ) -> Result<(), StoreError> {
-        self.lock()
-            .execute(
-                "INSERT INTO sent (id, to_name, to_key, body, sent_at_ms, state, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)",
-                params![
+    /// Records a new outgoing message as `queued`. It counts as queued at
+    /// once (its state changes are accepted); the returned [`Durable`] says
+    /// when its row is committed.
+    pub fn queue(&self, id: MessageId, to: &Name, body: &str, sent_at_ms: u64) -> Durable {
+        locked(&self.ledger).insert(
+            id,
+            Entry {
+                to: to.clone(),
+                sent_at_ms,
+                state: State::Queued,
+            },
+        );
+        let (to_name, to_key, body) = (to.as_str().to_owned(), to.key(), body.to_owned());
+        let ledger = self.ledger.clone();
+        self.durable_write(
+            move |db| {
+                db.prepare_cached(
+                    "INSERT INTO sent (id, to_name, to_key, body, sent_at_ms, state, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)",
+                )?
+                .execute(params![
                     &id.0[..],
-                    to.as_str(),
-                    to.key(),
+                    to_name,
+                    to_key,
                     body,
                     sql_int(sent_at_ms),
                     sql_int(now_ms())
-                ],
-            )
-            .map_err(|e| self.err(e))?;
-        Ok(())
+                ])
+                .map(drop)
+            },
+            move |ok| {
+                if !ok {
+                    // Not recorded: it must not look accepted.
+                    locked(&ledger).remove(&id);
+                }
+            },
+        )
     }
 
     /// The current state of an outgoing message.
     pub fn state(&self, id: MessageId) -> Result<Option<State>, StoreError> {
+        if let Some(e) = locked(&self.ledger).get(&id) {
+            return Ok(Some(e.state.clone()));
+        }
         let row: Option<(String, Option<String>, Option<String>)> = self
-            .lock()
-            .query_row(
-                "SELECT state, path, reason FROM sent WHERE id = ?1",
-                params![&id.0[..]],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
+            .read()
+            .prepare_cached("SELECT state, path, reason FROM sent WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row(params![&id.0[..]], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
+            })
             .map_err(|e| self.err(e))?;
         Ok(row.and_then(|(s, p, r)| State::from_columns(&s, p.as_deref(), r.as_deref())))
     }
 
     /// Moves an outgoing message to `next` if the state machine allows it;
     /// returns whether it moved (a late or repeated event changes nothing).
+    /// The move is immediate; its row follows in the next commit.
     pub fn transition(&self, id: MessageId, next: &State) -> Result<bool, StoreError> {
-        let db = self.lock();
-        let row: Option<(String, Option<String>, Option<String>)> = db
-            .query_row(
-                "SELECT state, path, reason FROM sent WHERE id = ?1",
-                params![&id.0[..]],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        let Some(current) =
-            row.and_then(|(s, p, r)| State::from_columns(&s, p.as_deref(), r.as_deref()))
-        else {
-            return Ok(false);
-        };
-        if !current.may_become(next) {
-            return Ok(false);
+        {
+            let mut ledger = locked(&self.ledger);
+            // Not in the ledger: final (and committed) or not ours.
+            let Some(entry) = ledger.get_mut(&id) else {
+                return Ok(false);
+            };
+            if !entry.state.may_become(next) {
+                return Ok(false);
+            }
+            entry.state = next.clone();
         }
         let (state, path, reason) = next.columns();
-        db.execute(
-            "UPDATE sent SET state = ?2, path = COALESCE(?3, path), reason = ?4, updated_ms = ?5 WHERE id = ?1",
-            params![&id.0[..], state, path, reason, sql_int(now_ms())],
-        )
-        .map_err(|e| self.err(e))?;
+        let reason = reason.map(str::to_owned);
+        let done = next.is_final();
+        let ledger = self.ledger.clone();
+        self.write_behind(
+            move |db| {
+                db.prepare_cached(
+                    "UPDATE sent SET state = ?2, path = COALESCE(?3, path), reason = ?4, updated_ms = ?5
+                     WHERE id = ?1",
+                )?
+                .execute(params![&id.0[..], state, path, reason, sql_int(now_ms())])
+                .map(drop)
+            },
+            move |_| {
+                if done {
+                    locked(&ledger).remove(&id);
+                }
+            },
+        );
         Ok(true)
     }
 
-    /// Messages not yet in a final state, oldest first.
-    pub fn outbox(&self) -> Result<Vec<Pending>, StoreError> {
-        let db = self.lock();
-        let mut stmt = db
-            .prepare(
-                "SELECT id, to_name, body, sent_at_ms, state, path, reason FROM sent
-                 WHERE state IN ('queued', 'sent', 'held') ORDER BY seq",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, Vec<u8>>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, Option<String>>(5)?,
-                    r.get::<_, Option<String>>(6)?,
-                ))
-            })
-            .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, to, body, sent_at_ms, state, path, reason) = row.map_err(|e| self.err(e))?;
-            let (Ok(id), Ok(to), Some(state)) = (
-                <[u8; 16]>::try_from(id.as_slice()),
-                Name::parse(&to),
-                State::from_columns(&state, path.as_deref(), reason.as_deref()),
-            ) else {
-                continue;
-            };
-            out.push(Pending {
-                id: MessageId(id),
-                to,
-                body,
-                sent_at_ms: u64::try_from(sent_at_ms).unwrap_or(0),
-                state,
-            });
-        }
-        Ok(out)
+    /// Messages not yet in a final state, oldest first (after every write
+    /// submitted so far).
+    pub async fn outbox(&self) -> Result<Vec<Pending>, StoreError> {
+        self.call(open_messages).await
     }
 
     /// When an outgoing message was written (sender's clock, ms since the epoch).
     pub fn sent_at(&self, id: MessageId) -> Result<Option<u64>, StoreError> {
+        if let Some(e) = locked(&self.ledger).get(&id) {
+            return Ok(Some(e.sent_at_ms));
+        }
         let at: Option<i64> = self
-            .lock()
-            .query_row(
-                "SELECT sent_at_ms FROM sent WHERE id = ?1",
-                params![&id.0[..]],
-                |r| r.get(0),
-            )
-            .optional()
+            .read()
+            .prepare_cached("SELECT sent_at_ms FROM sent WHERE id = ?1")
+            .and_then(|mut s| s.query_row(params![&id.0[..]], |r| r.get(0)).optional())
             .map_err(|e| self.err(e))?;
         Ok(at.and_then(|a| u64::try_from(a).ok()))
     }
 
     /// The recipient's name of an outgoing message.
     pub fn recipient(&self, id: MessageId) -> Result<Option<Name>, StoreError> {
+        if let Some(e) = locked(&self.ledger).get(&id) {
+            return Ok(Some(e.to.clone()));
+        }
         let name: Option<String> = self
-            .lock()
-            .query_row(
-                "SELECT to_name FROM sent WHERE id = ?1",
-                params![&id.0[..]],
-                |r| r.get(0),
-            )
-            .optional()
+            .read()
+            .prepare_cached("SELECT to_name FROM sent WHERE id = ?1")
+            .and_then(|mut s| s.query_row(params![&id.0[..]], |r| r.get(0)).optional())
             .map_err(|e| self.err(e))?;
         Ok(name.and_then(|n| Name::parse(&n).ok()))
     }
 
     // ---- incoming ----------------------------------------------------------
 
-    /// Applies the dedupe rule to an incoming message and records it if new.
+    /// Applies the dedupe rule to an incoming message and, if new, records
+    /// it (not yet shown). The returned [`Durable`] (for a new message)
+    /// resolves when its row is committed: acknowledge only after that.
     #[allow(clippy::too_many_arguments)]
     pub fn receive(
         &self,
@@ -342,173 +665,168 @@ impl Store {
         body: &str,
         sent_at_ms: u64,
         path: &str,
-    ) -> Result<Incoming, StoreError> {
-        let db = self.lock();
-        let shown: Option<bool> = db
-            .query_row(
-                "SELECT shown FROM received WHERE from_id = ?1 AND id = ?2",
-                params![&from_id.0[..], &id.0[..]],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
+    ) -> Result<(Incoming, Option<Durable>), StoreError> {
+        let key = (from_id, id);
+        let mut fresh = locked(&self.fresh);
+        // Memory first: an entry leaves it only after its row committed,
+        // so a miss here means the read connection sees every write.
+        let shown = match fresh.get(&key) {
+            Some(shown) => Some(*shown),
+            None => self
+                .read()
+                .prepare_cached("SELECT shown FROM received WHERE from_id = ?1 AND id = ?2")
+                .and_then(|mut s| {
+                    s.query_row(params![&from_id.0[..], &id.0[..]], |r| r.get(0))
+                        .optional()
+                })
+                .map_err(|e| self.err(e))?,
+        };
         match shown {
-            Some(true) => Ok(Incoming::Shown),
-            Some(false) => Ok(Incoming::NotShown),
-            None => {
-                db.execute(
+            Some(true) => return Ok((Incoming::Shown, None)),
+            Some(false) => return Ok((Incoming::NotShown, None)),
+            None => {}
+        }
+        fresh.insert(key, false);
+        drop(fresh);
+        let (from_name, from_key, body, path) = (
+            from.as_str().to_owned(),
+            from.key(),
+            body.to_owned(),
+            path.to_owned(),
+        );
+        let fresh = self.fresh.clone();
+        let durable = self.durable_write(
+            move |db| {
+                db.prepare_cached(
                     "INSERT INTO received (from_id, id, from_name, from_key, body, sent_at_ms, received_ms, path, shown)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0)",
-                    params![
-                        &from_id.0[..],
-                        &id.0[..],
-                        from.as_str(),
-                        from.key(),
-                        body,
-                        sql_int(sent_at_ms),
-                        sql_int(now_ms()),
-                        path
-                    ],
-                )
-                .map_err(|e| self.err(e))?;
-                Ok(Incoming::New)
-            }
-        }
+                )?
+                .execute(params![
+                    &from_id.0[..],
+                    &id.0[..],
+                    from_name,
+                    from_key,
+                    body,
+                    sql_int(sent_at_ms),
+                    sql_int(now_ms()),
+                    path
+                ])
+                .map(drop)
+            },
+            move |_| forget_fresh(&fresh, key, false),
+        );
+        Ok((Incoming::New, Some(durable)))
     }
 
     /// Records that an incoming message was shown to the user.
-    pub fn mark_shown(&self, from_id: PeerId, id: MessageId) -> Result<(), StoreError> {
-        self.lock()
-            .execute(
-                "UPDATE received SET shown = 1 WHERE from_id = ?1 AND id = ?2",
-                params![&from_id.0[..], &id.0[..]],
-            )
-            .map_err(|e| self.err(e))?;
-        Ok(())
+    pub fn mark_shown(&self, from_id: PeerId, id: MessageId) {
+        let key = (from_id, id);
+        locked(&self.fresh).insert(key, true);
+        let fresh = self.fresh.clone();
+        self.write_behind(
+            move |db| {
+                db.prepare_cached("UPDATE received SET shown = 1 WHERE from_id = ?1 AND id = ?2")?
+                    .execute(params![&from_id.0[..], &id.0[..]])
+                    .map(drop)
+            },
+            move |_| forget_fresh(&fresh, key, true),
+        );
     }
 
     /// The last `limit` messages exchanged with `with`, oldest first.
-    pub fn history(&self, with: &Name, limit: usize) -> Result<Vec<HistoryEntry>, StoreError> {
-        let db = self.lock();
-        let mut stmt = db
-            .prepare(
-                "SELECT * FROM (
-                     SELECT id, 1 AS outgoing, to_name AS party, body, sent_at_ms AS at_ms, state, path, reason
-                       FROM sent WHERE to_key = ?1
-                     UNION ALL
-                     SELECT id, 0, from_name, body, received_ms, 'received', path, NULL
-                       FROM received WHERE from_key = ?1
-                 ) ORDER BY at_ms DESC LIMIT ?2",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(
-                params![with.key(), i64::try_from(limit).unwrap_or(i64::MAX)],
-                |r| {
-                    Ok((
-                        r.get::<_, Vec<u8>>(0)?,
-                        r.get::<_, bool>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, i64>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, Option<String>>(6)?,
-                        r.get::<_, Option<String>>(7)?,
-                    ))
-                },
-            )
-            .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, outgoing, with, body, at_ms, state, path, reason) =
-                row.map_err(|e| self.err(e))?;
-            let Ok(id) = <[u8; 16]>::try_from(id.as_slice()) else {
-                continue;
-            };
-            out.push(HistoryEntry {
-                id: MessageId(id),
-                outgoing,
-                with,
-                body,
-                at_ms: u64::try_from(at_ms).unwrap_or(0),
-                state,
-                path,
-                reason,
-            });
-        }
-        out.reverse();
-        Ok(out)
+    pub async fn history(
+        &self,
+        with: &Name,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        let with = with.key();
+        self.call(move |db| history_rows(db, &with, limit)).await
     }
 
     // ---- trust on first use -----------------------------------------------
 
     /// Checks the key announced for `name` against the pinned one, pinning
     /// it if the name is new and remembering it if it differs.
-    pub fn check_key(&self, name: &Name, key: PeerId) -> Result<KeyCheck, StoreError> {
-        let db = self.lock();
-        let pinned: Option<Vec<u8>> = db
-            .query_row(
-                "SELECT key FROM known_keys WHERE name_key = ?1",
-                params![name.key()],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        match pinned.and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok()) {
-            None => {
-                db.execute(
-                    "INSERT OR REPLACE INTO known_keys (name_key, name, key, pending_key) VALUES (?1, ?2, ?3, NULL)",
-                    params![name.key(), name.as_str(), &key.0[..]],
-                )
-                .map_err(|e| self.err(e))?;
-                Ok(KeyCheck::FirstSeen)
+    pub fn check_key(&self, name: &Name, key: PeerId) -> KeyCheck {
+        let name_key = name.key();
+        let mut keys = locked(&self.keys);
+        match keys.get_mut(&name_key) {
+            Some(known) if known.key == key => KeyCheck::Known,
+            Some(known) => {
+                let pinned = known.key;
+                if known.pending != Some(key) {
+                    known.pending = Some(key);
+                    self.write_behind(
+                        move |db| {
+                            db.prepare_cached(
+                                "UPDATE known_keys SET pending_key = ?2 WHERE name_key = ?1",
+                            )?
+                            .execute(params![name_key, &key.0[..]])
+                            .map(drop)
+                        },
+                        drop,
+                    );
+                }
+                KeyCheck::Changed { pinned }
             }
-            Some(k) if k == key.0 => Ok(KeyCheck::Known),
-            Some(k) => {
-                db.execute(
-                    "UPDATE known_keys SET pending_key = ?2 WHERE name_key = ?1",
-                    params![name.key(), &key.0[..]],
-                )
-                .map_err(|e| self.err(e))?;
-                Ok(KeyCheck::Changed { pinned: PeerId(k) })
+            None => {
+                keys.insert(name_key.clone(), Known { key, pending: None });
+                let name = name.as_str().to_owned();
+                self.write_behind(
+                    move |db| {
+                        db.prepare_cached(
+                            "INSERT OR REPLACE INTO known_keys (name_key, name, key, pending_key)
+                             VALUES (?1, ?2, ?3, NULL)",
+                        )?
+                        .execute(params![name_key, name, &key.0[..]])
+                        .map(drop)
+                    },
+                    drop,
+                );
+                KeyCheck::FirstSeen
             }
         }
     }
 
     /// The pinned key for `name`, if any.
-    pub fn pinned_key(&self, name: &Name) -> Result<Option<PeerId>, StoreError> {
-        let key: Option<Vec<u8>> = self
-            .lock()
-            .query_row(
-                "SELECT key FROM known_keys WHERE name_key = ?1",
-                params![name.key()],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        Ok(key.and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok().map(PeerId)))
+    pub fn pinned_key(&self, name: &Name) -> Option<PeerId> {
+        locked(&self.keys).get(&name.key()).map(|k| k.key)
     }
 
     /// The user accepts the changed key announced for `name`; returns it.
-    pub fn accept_key(&self, name: &Name) -> Result<Option<PeerId>, StoreError> {
-        let db = self.lock();
-        let pending: Option<Option<Vec<u8>>> = db
-            .query_row(
-                "SELECT pending_key FROM known_keys WHERE name_key = ?1",
-                params![name.key()],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        let Some(Some(key)) = pending else {
-            return Ok(None);
+    pub async fn accept_key(&self, name: &Name) -> Result<Option<PeerId>, StoreError> {
+        let name_key = name.key();
+        let accepted = {
+            let mut keys = locked(&self.keys);
+            let Some(known) = keys.get_mut(&name_key) else {
+                return Ok(None);
+            };
+            let Some(new) = known.pending.take() else {
+                return Ok(None);
+            };
+            known.key = new;
+            new
         };
-        db.execute(
-            "UPDATE known_keys SET key = pending_key, pending_key = NULL WHERE name_key = ?1",
-            params![name.key()],
-        )
-        .map_err(|e| self.err(e))?;
-        Ok(<[u8; 32]>::try_from(key.as_slice()).ok().map(PeerId))
+        self.call(move |db| {
+            db.prepare_cached(
+                "UPDATE known_keys SET key = pending_key, pending_key = NULL WHERE name_key = ?1",
+            )?
+            .execute(params![name_key])
+            .map(drop)
+        })
+        .await?;
+        Ok(Some(accepted))
+    }
+}
+
+/// After a received row's write ended: drop its in-memory entry unless a
+/// newer write for it is pending. From then on the database answers for
+/// it; if the write failed, the database does not know the id and a resend
+/// is shown (and recorded) again: shown twice rather than lost.
+fn forget_fresh(fresh: &Mutex<HashMap<ReceivedKey, bool>>, key: ReceivedKey, shown: bool) {
+    let mut fresh = locked(fresh);
+    if fresh.get(&key) == Some(&shown) {
+        fresh.remove(&key);
     }
 }
 
@@ -525,10 +843,12 @@ mod tests {
         Name::parse(s).unwrap()
     }
 
-    #[test]
-    fn tracker_pin_survives_reopening() {
+    #[tokio::test]
+    async fn tracker_pin_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        open(&dir).pin_tracker_key("t:1", PeerId([7; 32])).unwrap();
+        let s = open(&dir);
+        s.pin_tracker_key("t:1", PeerId([7; 32])).await.unwrap();
+        s.close().await;
         let store = open(&dir);
         assert_eq!(store.tracker_key("t:1").unwrap(), Some(PeerId([7; 32])));
         assert_eq!(store.tracker_key("t:2").unwrap(), None);
@@ -544,82 +864,123 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), vec![0x42u8; 4096]);
     }
 
-    #[test]
-    fn outbox_keeps_unfinished_messages_across_reopening_in_order() {
+    #[tokio::test]
+    async fn outbox_keeps_unfinished_messages_across_reopening_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b, c) = (MessageId([1; 16]), MessageId([2; 16]), MessageId([3; 16]));
         {
             let s = open(&dir);
-            s.queue(a, &name("bob"), "one", 1).unwrap();
-            s.queue(b, &name("bob"), "two", 2).unwrap();
-            s.queue(c, &name("carol"), "three", 3).unwrap();
+            s.queue(a, &name("bob"), "one", 1).wait().await.unwrap();
+            s.queue(b, &name("bob"), "two", 2).wait().await.unwrap();
+            s.queue(c, &name("carol"), "three", 3).wait().await.unwrap();
             assert!(s.transition(a, &State::Sent(Path::Direct)).unwrap());
             assert!(s.transition(a, &State::Delivered(Path::Direct)).unwrap());
             assert!(s.transition(c, &State::Held).unwrap());
+            s.close().await;
         }
         let s = open(&dir);
-        let outbox: Vec<MessageId> = s.outbox().unwrap().iter().map(|p| p.id).collect();
+        let outbox: Vec<MessageId> = s.outbox().await.unwrap().iter().map(|p| p.id).collect();
         assert_eq!(outbox, [b, c]);
         assert_eq!(s.state(a).unwrap(), Some(State::Delivered(Path::Direct)));
+        assert_eq!(s.state(c).unwrap(), Some(State::Held));
     }
 
-    #[test]
-    fn a_final_state_never_changes_again() {
+    #[tokio::test]
+    async fn a_final_state_never_changes_again_in_memory_or_after_commit() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
         let id = MessageId([1; 16]);
-        s.queue(id, &name("bob"), "x", 1).unwrap();
+        let durable = s.queue(id, &name("bob"), "x", 1);
         assert!(
             s.transition(id, &State::Undeliverable("gone".into()))
                 .unwrap()
         );
+        // Before the commit (the ledger decides) ...
+        assert!(!s.transition(id, &State::Delivered(Path::Direct)).unwrap());
+        durable.wait().await.unwrap();
+        s.outbox().await.unwrap();
+        // ... and after it (the row decides).
         assert!(!s.transition(id, &State::Delivered(Path::Direct)).unwrap());
         assert_eq!(
             s.state(id).unwrap(),
             Some(State::Undeliverable("gone".into()))
         );
+        assert_eq!(s.recipient(id).unwrap(), Some(name("bob")));
+        assert_eq!(s.sent_at(id).unwrap(), Some(1));
     }
 
-    #[test]
-    fn dedupe_shows_an_id_once_per_sender_even_after_reopening() {
+    #[tokio::test]
+    async fn dedupe_shows_an_id_once_per_sender_even_after_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let (alice, mallory) = (PeerId([1; 32]), PeerId([2; 32]));
         let id = MessageId([9; 16]);
         {
             let s = open(&dir);
-            assert_eq!(
-                s.receive(alice, &name("alice"), id, "hi", 1, "direct")
-                    .unwrap(),
-                Incoming::New
-            );
-            // Recorded, not yet shown (the process could stop here): shown again.
-            assert_eq!(
-                s.receive(alice, &name("alice"), id, "hi", 1, "direct")
-                    .unwrap(),
-                Incoming::NotShown
-            );
-            s.mark_shown(alice, id).unwrap();
+            let (first, durable) = s
+                .receive(alice, &name("alice"), id, "hi", 1, "direct")
+                .unwrap();
+            assert_eq!(first, Incoming::New);
+            // Recorded, not yet shown (the process could stop here): shown
+            // again, whether or not the row is committed yet.
+            let (again, _) = s
+                .receive(alice, &name("alice"), id, "hi", 1, "direct")
+                .unwrap();
+            assert_eq!(again, Incoming::NotShown);
+            durable.unwrap().wait().await.unwrap();
+            let (again, _) = s
+                .receive(alice, &name("alice"), id, "hi", 1, "direct")
+                .unwrap();
+            assert_eq!(again, Incoming::NotShown);
+            s.mark_shown(alice, id);
+            let (shown, _) = s
+                .receive(alice, &name("alice"), id, "hi", 1, "direct")
+                .unwrap();
+            assert_eq!(shown, Incoming::Shown);
+            s.close().await;
         }
         let s = open(&dir);
-        assert_eq!(
-            s.receive(alice, &name("alice"), id, "hi", 1, "held")
-                .unwrap(),
-            Incoming::Shown
-        );
+        let (after, _) = s
+            .receive(alice, &name("alice"), id, "hi", 1, "held")
+            .unwrap();
+        assert_eq!(after, Incoming::Shown);
         // Another sender reusing the id cannot suppress alice's message or be suppressed.
-        assert_eq!(
-            s.receive(mallory, &name("mallory"), id, "x", 1, "direct")
-                .unwrap(),
-            Incoming::New
-        );
+        let (other, _) = s
+            .receive(mallory, &name("mallory"), id, "x", 1, "direct")
+            .unwrap();
+        assert_eq!(other, Incoming::New);
     }
 
-    #[test]
-    fn history_interleaves_both_directions_and_honours_the_limit() {
+    #[tokio::test]
+    async fn many_writes_are_committed_in_order_in_few_transactions() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        s.queue(MessageId([1; 16]), &name("bob"), "hi bob", 1)
-            .unwrap();
+        let ids: Vec<MessageId> = (0..2000u16)
+            .map(|i| {
+                let mut id = [0u8; 16];
+                id[..2].copy_from_slice(&i.to_le_bytes());
+                MessageId(id)
+            })
+            .collect();
+        let durables: Vec<Durable> = ids
+            .iter()
+            .map(|id| s.queue(*id, &name("bob"), "m", 1))
+            .collect();
+        for id in &ids[..1000] {
+            assert!(s.transition(*id, &State::Sent(Path::Direct)).unwrap());
+            assert!(s.transition(*id, &State::Delivered(Path::Direct)).unwrap());
+        }
+        for d in durables {
+            d.wait().await.unwrap();
+        }
+        let outbox: Vec<MessageId> = s.outbox().await.unwrap().iter().map(|p| p.id).collect();
+        assert_eq!(outbox, ids[1000..]);
+    }
+
+    #[tokio::test]
+    async fn history_interleaves_both_directions_and_honours_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir);
+        let _ = s.queue(MessageId([1; 16]), &name("bob"), "hi bob", 1);
         s.receive(
             PeerId([2; 32]),
             &name("Bob"),
@@ -629,29 +990,36 @@ mod tests {
             "direct",
         )
         .unwrap();
-        s.queue(MessageId([3; 16]), &name("carol"), "not bob", 3)
-            .unwrap();
-        let h = s.history(&name("BOB"), 10).unwrap();
+        let _ = s.queue(MessageId([3; 16]), &name("carol"), "not bob", 3);
+        // No wait for the commits: history sees every write submitted before it.
+        let h = s.history(&name("BOB"), 10).await.unwrap();
         let bodies: Vec<&str> = h.iter().map(|e| e.body.as_str()).collect();
         assert_eq!(bodies.len(), 2);
         assert!(bodies.contains(&"hi bob") && bodies.contains(&"hi alice"));
-        assert_eq!(s.history(&name("bob"), 1).unwrap().len(), 1);
+        assert_eq!(s.history(&name("bob"), 1).await.unwrap().len(), 1);
     }
 
-    #[test]
-    fn trust_on_first_use_pins_then_flags_a_change_until_accepted() {
+    #[tokio::test]
+    async fn trust_on_first_use_pins_then_flags_a_change_until_accepted() {
         let dir = tempfile::tempdir().unwrap();
-        let s = open(&dir);
         let (k1, k2) = (PeerId([1; 32]), PeerId([2; 32]));
-        assert_eq!(s.check_key(&name("bob"), k1).unwrap(), KeyCheck::FirstSeen);
-        assert_eq!(s.check_key(&name("Bob"), k1).unwrap(), KeyCheck::Known);
-        assert_eq!(
-            s.check_key(&name("bob"), k2).unwrap(),
-            KeyCheck::Changed { pinned: k1 }
-        );
-        assert_eq!(s.pinned_key(&name("bob")).unwrap(), Some(k1));
-        assert_eq!(s.accept_key(&name("bob")).unwrap(), Some(k2));
-        assert_eq!(s.check_key(&name("bob"), k2).unwrap(), KeyCheck::Known);
-        assert_eq!(s.accept_key(&name("bob")).unwrap(), None);
+        {
+            let s = open(&dir);
+            assert_eq!(s.check_key(&name("bob"), k1), KeyCheck::FirstSeen);
+            assert_eq!(s.check_key(&name("Bob"), k1), KeyCheck::Known);
+            assert_eq!(
+                s.check_key(&name("bob"), k2),
+                KeyCheck::Changed { pinned: k1 }
+            );
+            s.close().await;
+        }
+        // Pins and the pending change survive a restart.
+        let s = open(&dir);
+        assert_eq!(s.pinned_key(&name("bob")), Some(k1));
+        assert_eq!(s.accept_key(&name("bob")).await.unwrap(), Some(k2));
+        assert_eq!(s.check_key(&name("bob"), k2), KeyCheck::Known);
+        assert_eq!(s.accept_key(&name("bob")).await.unwrap(), None);
+        s.close().await;
+        assert_eq!(open(&dir).pinned_key(&name("bob")), Some(k2));
     }
 }
