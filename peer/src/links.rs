@@ -54,7 +54,6 @@ use crate::{
     net,
     node::Inner,
     relay,
-    store::StoreError,
     tracker_client::Command,
 };
 
@@ -855,21 +854,12 @@ where
     loop {
         tokio::select! {
             biased;
-            Some(done) = unacked.next(), if !unacked.is_empty() => {
-                let mut done: Result<MessageId, StoreError> = done;
+            Some(shown) = unacked.next(), if !unacked.is_empty() => {
+                let mut id: MessageId = shown;
                 loop {
-                    let id = match done {
-                        Ok(id) => id,
-                        Err(e) => {
-                            // Not recorded, so not acknowledged: the sender resends.
-                            warn!(error = %e, "cannot record an incoming message");
-                            close(close::NORMAL, b"storage failure");
-                            return Err(e.to_string());
-                        }
-                    };
                     writer.feed(ToSender::Ack { id }).await.map_err(|e| e.to_string())?;
                     match unacked.next().now_or_never() {
-                        Some(Some(next)) => done = next,
+                        Some(Some(next)) => id = next,
                         _ => break,
                     }
                 }
@@ -901,7 +891,7 @@ where
                             return Err(e.to_string());
                         }
                     };
-                    unacked.push(acknowledge.map(move |r| r.map(|()| id)));
+                    unacked.push(acknowledge.map(move |()| id));
                 }
                 Some(Ok(ToReceiver::Open { .. })) => {
                     close(close::PROTOCOL, b"second Open");

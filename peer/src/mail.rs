@@ -83,13 +83,13 @@ async fn receive_held(inner: &Arc<Inner>, held: HeldMessage) {
             Path::Held,
         )
         .await;
-    if let Err(e) = match shown {
-        Ok(acknowledge) => acknowledge.await,
-        Err(e) => Err(e),
-    } {
-        // Not recorded: no receipt; the tracker offers it again.
-        warn!(error = %e, "cannot record a held message");
-        return;
+    match shown {
+        Ok(on_screen) => on_screen.await,
+        Err(e) => {
+            // No receipt: the tracker offers it again.
+            warn!(error = %e, "cannot check a held message against the shown ones");
+            return;
+        }
     }
     match sign_receipt(&inner.identity, letter.from_id, letter.id) {
         Ok(receipt) => {

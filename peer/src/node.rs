@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::{FutureExt, future::BoxFuture};
+use futures_util::future::BoxFuture;
 use quinn::Endpoint;
 use tincan_proto::{
     MAX_BODY_LEN, MessageId, Name, NameError, PeerId,
@@ -31,7 +31,7 @@ use crate::{
     links::{self, Links},
     mail, net,
     outbox::{self, Outgoing},
-    store::{HistoryEntry, Incoming, KeyCheck, Pending, Store, StoreError, now_ms},
+    store::{HistoryEntry, Incoming, KeyCheck, Pending, ShownMessage, Store, StoreError, now_ms},
     tracker_client::{self, Command, EnrollError, Enrolled},
 };
 
@@ -162,10 +162,10 @@ impl Inner {
         let _ = self.events.send(event).await;
     }
 
-    /// An incoming message (direct, relayed or held): shown once. Records
-    /// it, hands it to the front end, and returns what must complete
-    /// before it is acknowledged: the user has seen it and its row is
-    /// committed. A message shown before is acknowledged at once.
+    /// An incoming message (direct, relayed or held): shown once. Hands it
+    /// to the front end and returns what must complete before it is
+    /// acknowledged: the user has seen it (its row is then written in the
+    /// next group commit). A message shown before is acknowledged at once.
     pub(crate) async fn take_incoming(
         self: &Arc<Self>,
         from_id: PeerId,
@@ -174,15 +174,21 @@ impl Inner {
         text: String,
         sent_at_ms: u64,
         path: Path,
-    ) -> Result<BoxFuture<'static, Result<(), StoreError>>, StoreError> {
-        let (incoming, recorded) =
-            self.store
-                .receive(from_id, from, id, &text, sent_at_ms, path.as_str())?;
-        if incoming == Incoming::Shown {
-            return Ok(Box::pin(std::future::ready(Ok(()))));
+    ) -> Result<BoxFuture<'static, ()>, StoreError> {
+        if self.store.receive(from_id, id)? == Incoming::Shown {
+            return Ok(Box::pin(std::future::ready(())));
         }
+        let row = ShownMessage {
+            from_id,
+            from: from.clone(),
+            id,
+            body: text.clone(),
+            sent_at_ms,
+            received_ms: now_ms(),
+            path: path.as_str(),
+        };
         let recorder = self.clone();
-        let (shown, on_screen) = Shown::new(move || recorder.store.mark_shown(from_id, id));
+        let (shown, on_screen) = Shown::new(move || recorder.store.mark_shown(row));
         self.emit(Event::Message {
             from: from.clone(),
             text,
@@ -194,10 +200,6 @@ impl Inner {
         .await;
         Ok(Box::pin(async move {
             let _ = on_screen.await;
-            match recorded {
-                Some(recorded) => recorded.wait().await,
-                None => Ok(()),
-            }
         }))
     }
 
@@ -428,10 +430,9 @@ impl Node {
 
     /// Accepts a message for `to` and returns its id at once; its fate
     /// (sent, held, delivered, undeliverable) arrives as events. Its row
-    /// (state `queued`) goes to `peer.db` in the next group commit, usually
-    /// well under a millisecond; the message travels meanwhile, and no
-    /// state after `sent` is reported before that commit. Waits only when
-    /// [`MAX_IN_FLIGHT`] messages are already on their way.
+    /// (state `queued`) reaches `peer.db` in the next group commit, at most
+    /// [`crate::store::STORE_LINGER`] later, while the message is already
+    /// on its way. Waits only when [`MAX_IN_FLIGHT`] messages are on their way.
     pub async fn send(&self, to: &str, text: &str) -> Result<MessageId, SendError> {
         let to = Name::parse(to)?;
         if text.is_empty() {
@@ -455,16 +456,8 @@ impl Node {
             .map_err(|_| SendError::ShuttingDown)?;
         let id = MessageId::random();
         let sent_at_ms = now_ms();
-        let recorded = self.inner.store.queue(id, &to, text, sent_at_ms);
-        let recorded = recorded.wait().boxed().shared();
-        let msg = Outgoing::new(
-            id,
-            to.clone(),
-            text.to_owned(),
-            sent_at_ms,
-            permit,
-            recorded,
-        );
+        self.inner.store.queue(id, &to, text, sent_at_ms);
+        let msg = Outgoing::new(id, to.clone(), text.to_owned(), sent_at_ms, permit);
         self.inner.enqueue(&to, msg).await?;
         Ok(id)
     }

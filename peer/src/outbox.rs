@@ -21,10 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::{
-    FutureExt,
-    future::{self, BoxFuture, Shared},
-};
+use futures_util::future::BoxFuture;
 use tincan_proto::{
     MessageId, Name,
     peer::{Refusal, ToReceiver},
@@ -39,7 +36,7 @@ use crate::{
     event::{Event, Path},
     links::{Link, LinkError},
     node::{Inner, SendError},
-    store::{Pending, StoreError, now_ms},
+    store::{Pending, now_ms},
     tracker_client::{Command, TRACKER_TIMEOUT},
 };
 
@@ -67,17 +64,6 @@ pub struct Outgoing {
     hold_next: bool,
     /// Counts toward `MAX_IN_FLIGHT` until the message leaves the outbox's hands.
     _in_flight: OwnedSemaphorePermit,
-    /// Resolves when its `queued` row is committed: the message travels
-    /// meanwhile, but no state past `sent` is reported before it.
-    recorded: Recorded,
-}
-
-/// The commit of a message's first row, awaited by every state after `sent`.
-pub type Recorded = Shared<BoxFuture<'static, Result<(), StoreError>>>;
-
-/// For a message whose row is already committed (resumed from `peer.db`).
-pub fn already_recorded() -> Recorded {
-    future::ready(Ok(())).boxed().shared()
 }
 
 impl Outgoing {
@@ -87,7 +73,6 @@ impl Outgoing {
         body: String,
         sent_at_ms: u64,
         permit: OwnedSemaphorePermit,
-        recorded: Recorded,
     ) -> Self {
         Self {
             id,
@@ -98,7 +83,6 @@ impl Outgoing {
             attempts: 0,
             hold_next: false,
             _in_flight: permit,
-            recorded,
         }
     }
 }
@@ -122,7 +106,7 @@ pub async fn resume(inner: Arc<Inner>, pending: Vec<Pending>) {
             return;
         };
         let to = p.to.clone();
-        let msg = Outgoing::new(p.id, p.to, p.body, p.sent_at_ms, permit, already_recorded());
+        let msg = Outgoing::new(p.id, p.to, p.body, p.sent_at_ms, permit);
         if inner.enqueue(&to, msg).await.is_err() {
             return;
         }
@@ -452,21 +436,6 @@ impl Inner {
 
     /// Records and announces a state; this task is done with the message.
     async fn settle(&self, msg: &Outgoing, state: State) -> Turn {
-        if !matches!(state, State::Sent(_))
-            && let Err(e) = msg.recorded.clone().await
-        {
-            // The store forgot the message (nothing more is reported for
-            // it); say so once.
-            self.emit(Event::Warning {
-                message: format!(
-                    "message {} to {} could not be saved: {e}",
-                    msg.id.short(),
-                    msg.to
-                ),
-            })
-            .await;
-            return Turn::Done;
-        }
         self.record(msg.id, &msg.to, &state, msg.queued_at).await;
         Turn::Done
     }

@@ -11,26 +11,31 @@
 //!
 //! One thread (`peer-db`) owns the writing connection and applies every
 //! write in the order it was submitted, many to a transaction (group
-//! commit: one WAL commit for everything that queued up while the last one
-//! ran). The hot path never waits for SQLite to *decide* anything: the
-//! states of unfinished outgoing messages (the ledger), the received ids
-//! whose row is not yet committed, and the pinned keys live in memory, and
-//! the database follows them. Callers wait for a commit only where
-//! durability is the point: a message is acknowledged (sent or received)
-//! only once its row is committed ([`Durable`]). Reads of committed rows use
-//! a second connection (WAL readers do not block the writer); an entry
-//! leaves the in-memory maps only after its last write committed, so
-//! "memory, else the read connection" never misses a write.
+//! commit). Nothing on the message path waits for SQLite: the states of
+//! unfinished outgoing messages (the ledger), the received ids whose row
+//! is not yet committed, and the pinned keys live in memory and decide;
+//! the database follows within [`STORE_LINGER`] (a clean stop commits
+//! everything: [`Store::close`]). So a crash of the process (or of the
+//! machine: WAL with `synchronous = NORMAL`) can take back at most the last
+//! few milliseconds of rows: a message sent in them is resent or, if it
+//! never left, gone with the text the user just typed; a message received
+//! in them was on screen and acknowledged, and misses from the history.
+//! Reads of committed rows use a second connection (WAL readers do not
+//! block the writer); an entry leaves the in-memory maps only after its
+//! last write committed, so "memory, else the read connection" never
+//! misses a write, and reads that need every write so far (history, the
+//! outbox) run on the database thread itself ([`Store::call`]).
 //!
 //! Opening a file that is not a tincan database is an error naming the
 //! file; nothing is ever silently reset.
 
 use std::{
     collections::HashMap,
+    collections::VecDeque,
     path::Path,
-    sync::{Arc, Mutex, MutexGuard, mpsc as std_mpsc},
+    sync::{Arc, Condvar, Mutex, MutexGuard},
     thread::JoinHandle,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -40,11 +45,21 @@ use tracing::warn;
 
 use crate::delivery::State;
 
-/// Writes waiting for the database thread; past this, submitting blocks
+/// Jobs waiting for the database thread; past this, submitting blocks
 /// until it catches up (back-pressure, never an unbounded queue).
 pub const STORE_QUEUE: usize = 8192;
-/// Most writes committed in one transaction.
+/// Most jobs committed in one transaction.
 pub const STORE_BATCH: usize = 1024;
+/// Longest a write nobody waits for (a state change, a "shown" mark, a
+/// pinned key) stays uncommitted when no waited-for write comes along to
+/// carry it: the most a crash can take back of those.
+pub const STORE_LINGER: Duration = Duration::from_millis(5);
+/// Memory-mapped reads (the dedupe lookups): no copies, and no cache to
+/// rebuild after every commit.
+const MMAP_BYTES: u64 = 64 << 20;
+/// The writer's page cache, KiB: message ids are random, so each insert
+/// touches a random index page; keeping them cached saves re-reading them.
+const CACHE_KIB: u64 = 16 << 10;
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE: usize = 32;
 
@@ -93,12 +108,25 @@ pub struct HistoryEntry {
     pub reason: Option<String>,
 }
 
+/// An incoming message the user was shown, as recorded in `received`.
+pub struct ShownMessage {
+    pub from_id: PeerId,
+    pub from: Name,
+    pub id: MessageId,
+    pub body: String,
+    pub sent_at_ms: u64,
+    pub received_ms: u64,
+    pub path: &'static str,
+}
+
 /// What the dedupe rule says about an incoming message id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Incoming {
     /// Never seen: show it.
     New,
-    /// Recorded but the process stopped before it was shown: show it.
+    /// Seen, but not yet on screen: the first copy is still on its way to
+    /// the front end, or (a database of an older version) the process
+    /// stopped before showing it. Show it.
     NotShown,
     /// Shown already: acknowledge only.
     Shown,
@@ -113,20 +141,6 @@ pub enum KeyCheck {
     Known,
     /// A different key than the pinned one; it waits for `/accept`.
     Changed { pinned: PeerId },
-}
-
-/// Resolves once a write is committed (or failed).
-pub struct Durable(oneshot::Receiver<Result<(), StoreError>>);
-
-impl Durable {
-    pub async fn wait(self) -> Result<(), StoreError> {
-        self.0.await.unwrap_or_else(|_| {
-            Err(StoreError {
-                path: String::new(),
-                reason: "the database thread stopped".into(),
-            })
-        })
-    }
 }
 
 /// Runs after the transaction holding its job ended; `true` if it committed.
@@ -151,9 +165,88 @@ struct Known {
 
 type ReceivedKey = (PeerId, MessageId);
 
+/// The database thread's queue. A job someone waits for wakes the thread;
+/// the others ride along with the next commit, or wait [`STORE_LINGER`]:
+/// fewer wake-ups and fewer, larger transactions.
+#[derive(Default)]
+struct Jobs {
+    queue: Mutex<Queue>,
+    /// The thread waits here for work.
+    work: Condvar,
+    /// Submitters wait here while the queue is full.
+    room: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// A waited-for job is queued: commit without lingering.
+    urgent: bool,
+    closed: bool,
+}
+
+impl Jobs {
+    /// False once the queue is closed.
+    fn push(&self, job: Job, urgent: bool) -> bool {
+        let mut q = locked(&self.queue);
+        while q.jobs.len() >= STORE_QUEUE && !q.closed {
+            q = self.room.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        if q.closed {
+            return false;
+        }
+        q.jobs.push_back(job);
+        let wake = urgent || q.jobs.len() >= STORE_BATCH;
+        q.urgent |= wake;
+        drop(q);
+        if wake {
+            self.work.notify_one();
+        }
+        true
+    }
+
+    /// The next batch to commit; `None` once closed and empty.
+    fn next_batch(&self) -> Option<Vec<Job>> {
+        let mut q = locked(&self.queue);
+        loop {
+            if q.urgent || q.closed {
+                break;
+            }
+            if q.jobs.is_empty() {
+                q = self.work.wait(q).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            let (guard, waited) = self
+                .work
+                .wait_timeout(q, STORE_LINGER)
+                .unwrap_or_else(|p| p.into_inner());
+            q = guard;
+            if waited.timed_out() {
+                break;
+            }
+        }
+        if q.jobs.is_empty() {
+            return if q.closed { None } else { Some(Vec::new()) };
+        }
+        let n = q.jobs.len().min(STORE_BATCH);
+        let batch: Vec<Job> = q.jobs.drain(..n).collect();
+        // Whatever is left goes in the next transaction at once.
+        q.urgent = !q.jobs.is_empty();
+        drop(q);
+        self.room.notify_all();
+        Some(batch)
+    }
+
+    fn close(&self) {
+        locked(&self.queue).closed = true;
+        self.work.notify_one();
+        self.room.notify_all();
+    }
+}
+
 pub struct Store {
     path: String,
-    jobs: Mutex<Option<std_mpsc::SyncSender<Job>>>,
+    jobs: Arc<Jobs>,
     thread: Mutex<Option<JoinHandle<()>>>,
     read: Mutex<Connection>,
     ledger: Arc<Mutex<HashMap<MessageId, Entry>>>,
@@ -319,21 +412,17 @@ fn history_rows(db: &Connection, with: &str, limit: usize) -> rusqlite::Result<V
     Ok(out)
 }
 
-/// The database thread: waits for a job, then runs it and every job
-/// already waiting (up to [`STORE_BATCH`]) in one transaction, commits,
-/// and only then tells the jobs' waiters.
-fn run_writer(db: Connection, jobs: std_mpsc::Receiver<Job>, path: String) {
+/// The database thread: takes a batch of jobs (see [`Jobs`]), runs them
+/// in one transaction, commits, and only then tells the jobs' waiters.
+fn run_writer(db: Connection, jobs: Arc<Jobs>, path: String) {
     let mut after: Vec<AfterCommit> = Vec::new();
-    while let Ok(first) = jobs.recv() {
+    while let Some(batch) = jobs.next_batch() {
+        if batch.is_empty() {
+            continue;
+        }
         let began = db.execute_batch("BEGIN");
-        let mut next = Some(first);
-        let mut count = 0;
-        while let Some(job) = next.take() {
+        for job in batch {
             after.extend(job(&db));
-            count += 1;
-            if count < STORE_BATCH {
-                next = jobs.try_recv().ok();
-            }
         }
         let committed = began.and_then(|()| db.execute_batch("COMMIT"));
         if let Err(e) = &committed {
@@ -356,10 +445,16 @@ impl Store {
         };
         let db = Connection::open(path).map_err(err)?;
         db.execute_batch(SCHEMA).map_err(err)?;
+        db.execute_batch(&format!(
+            "PRAGMA mmap_size = {MMAP_BYTES}; PRAGMA cache_size = -{CACHE_KIB};"
+        ))
+        .map_err(err)?;
         db.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let read = Connection::open(path).map_err(err)?;
-        read.execute_batch("PRAGMA busy_timeout = 5000;")
-            .map_err(err)?;
+        read.execute_batch(&format!(
+            "PRAGMA busy_timeout = 5000; PRAGMA mmap_size = {MMAP_BYTES};"
+        ))
+        .map_err(err)?;
         read.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let ledger = open_messages(&db)
             .map_err(err)?
@@ -374,18 +469,18 @@ impl Store {
             })
             .collect();
         let keys = known_keys(&db).map_err(err)?;
-        let (tx, rx) = std_mpsc::sync_channel(STORE_QUEUE);
-        let thread_path = shown.clone();
+        let jobs = Arc::new(Jobs::default());
+        let (thread_jobs, thread_path) = (jobs.clone(), shown.clone());
         let thread = std::thread::Builder::new()
             .name("peer-db".into())
-            .spawn(move || run_writer(db, rx, thread_path))
+            .spawn(move || run_writer(db, thread_jobs, thread_path))
             .map_err(|e| StoreError {
                 path: shown.clone(),
                 reason: format!("cannot start the database thread: {e}"),
             })?;
         Ok(Self {
             path: shown,
-            jobs: Mutex::new(Some(tx)),
+            jobs,
             thread: Mutex::new(Some(thread)),
             read: Mutex::new(read),
             ledger: Arc::new(Mutex::new(ledger)),
@@ -402,10 +497,10 @@ impl Store {
     }
 
     /// Hands a job to the database thread (blocks while [`STORE_QUEUE`]
-    /// jobs wait). False if the thread is gone.
-    fn submit(&self, job: Job) -> bool {
-        let jobs = locked(&self.jobs).clone();
-        jobs.is_some_and(|tx| tx.send(job).is_ok())
+    /// jobs wait); `urgent` when someone waits for its commit. False once
+    /// the store is closed.
+    fn submit(&self, job: Job, urgent: bool) -> bool {
+        self.jobs.push(job, urgent)
     }
 
     /// Runs `f` on the writing connection after every job submitted before
@@ -426,40 +521,11 @@ impl Store {
                 let _ = tx.send(result.map_err(|reason| StoreError { path, reason }));
             }))
         });
-        if !self.submit(job) {
+        if !self.submit(job, true) {
             return Err(self.err("the database thread stopped"));
         }
         rx.await
             .unwrap_or_else(|_| Err(self.err("the database thread stopped")))
-    }
-
-    /// A write that reports when it is committed.
-    fn durable_write(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
-        after: impl FnOnce(bool) + Send + 'static,
-    ) -> Durable {
-        let (tx, rx) = oneshot::channel();
-        let path = self.path.clone();
-        let job: Job = Box::new(move |db| {
-            let result = f(db);
-            Some(Box::new(move |committed| {
-                let ok = committed && result.is_ok();
-                after(ok);
-                let result = match result {
-                    Err(e) => Err(e.to_string()),
-                    Ok(()) if !committed => Err("the transaction did not commit".into()),
-                    Ok(()) => Ok(()),
-                };
-                let _ = tx.send(result.map_err(|reason| StoreError { path, reason }));
-            }))
-        });
-        if !self.submit(job) {
-            let (tx, rx) = oneshot::channel();
-            let _ = tx.send(Err(self.err("the database thread stopped")));
-            return Durable(rx);
-        }
-        Durable(rx)
     }
 
     /// A write nobody waits for; a failure is logged.
@@ -477,7 +543,7 @@ impl Store {
             let ok = result.is_ok();
             Some(Box::new(move |committed| after(committed && ok)))
         });
-        if !self.submit(job) {
+        if !self.submit(job, false) {
             warn!(
                 path = self.path,
                 "the database thread stopped; a write is lost"
@@ -489,7 +555,7 @@ impl Store {
     /// database thread. Later writes fail.
     pub async fn close(&self) {
         let _ = self.call(|_| Ok(())).await;
-        locked(&self.jobs).take();
+        self.jobs.close();
         let thread = locked(&self.thread).take();
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -525,10 +591,10 @@ impl Store {
 
     // ---- outgoing ----------------------------------------------------------
 
-    /// Records a new outgoing message as `queued`. It counts as queued at
-    /// once (its state changes are accepted); the returned [`Durable`] says
-    /// when its row is committed.
-    pub fn queue(&self, id: MessageId, to: &Name, body: &str, sent_at_ms: u64) -> Durable {
+    /// Records a new outgoing message as `queued`: at once in memory (its
+    /// state changes are accepted from now on), on disk in the next group
+    /// commit, at most [`STORE_LINGER`] later.
+    pub fn queue(&self, id: MessageId, to: &Name, body: &str, sent_at_ms: u64) {
         locked(&self.ledger).insert(
             id,
             Entry {
@@ -539,7 +605,7 @@ impl Store {
         );
         let (to_name, to_key, body) = (to.as_str().to_owned(), to.key(), body.to_owned());
         let ledger = self.ledger.clone();
-        self.durable_write(
+        self.write_behind(
             move |db| {
                 db.prepare_cached(
                     "INSERT INTO sent (id, to_name, to_key, body, sent_at_ms, state, updated_ms)
@@ -557,11 +623,11 @@ impl Store {
             },
             move |ok| {
                 if !ok {
-                    // Not recorded: it must not look accepted.
+                    // Not on disk: report nothing more about it.
                     locked(&ledger).remove(&id);
                 }
             },
-        )
+        );
     }
 
     /// The current state of an outgoing message.
@@ -586,7 +652,7 @@ impl Store {
     /// returns whether it moved (a late or repeated event changes nothing).
     /// The move is immediate; its row follows in the next commit.
     pub fn transition(&self, id: MessageId, next: &State) -> Result<bool, StoreError> {
-        {
+        let previous = {
             let mut ledger = locked(&self.ledger);
             // Not in the ledger: final (and committed) or not ours.
             let Some(entry) = ledger.get_mut(&id) else {
@@ -595,7 +661,13 @@ impl Store {
             if !entry.state.may_become(next) {
                 return Ok(false);
             }
-            entry.state = next.clone();
+            std::mem::replace(&mut entry.state, next.clone())
+        };
+        // `queued` and `sent` mean the same after a restart (send it
+        // again): moving between them is not worth a write.
+        let unsent = |s: &State| matches!(s, State::Queued | State::Sent(_));
+        if unsent(&previous) && unsent(next) {
+            return Ok(true);
         }
         let (state, path, reason) = next.columns();
         let reason = reason.map(str::to_owned);
@@ -653,19 +725,10 @@ impl Store {
 
     // ---- incoming ----------------------------------------------------------
 
-    /// Applies the dedupe rule to an incoming message and, if new, records
-    /// it (not yet shown). The returned [`Durable`] (for a new message)
-    /// resolves when its row is committed: acknowledge only after that.
-    #[allow(clippy::too_many_arguments)]
-    pub fn receive(
-        &self,
-        from_id: PeerId,
-        from: &Name,
-        id: MessageId,
-        body: &str,
-        sent_at_ms: u64,
-        path: &str,
-    ) -> Result<(Incoming, Option<Durable>), StoreError> {
+    /// Applies the dedupe rule to an incoming message. A message to show is
+    /// remembered at once (a resend in this run is recognised); its row is
+    /// written by [`Store::mark_shown`], once it is on screen.
+    pub fn receive(&self, from_id: PeerId, id: MessageId) -> Result<Incoming, StoreError> {
         let key = (from_id, id);
         let mut fresh = locked(&self.fresh);
         // Memory first: an entry leaves it only after its row committed,
@@ -681,53 +744,40 @@ impl Store {
                 })
                 .map_err(|e| self.err(e))?,
         };
-        match shown {
-            Some(true) => return Ok((Incoming::Shown, None)),
-            Some(false) => return Ok((Incoming::NotShown, None)),
-            None => {}
-        }
-        fresh.insert(key, false);
-        drop(fresh);
-        let (from_name, from_key, body, path) = (
-            from.as_str().to_owned(),
-            from.key(),
-            body.to_owned(),
-            path.to_owned(),
-        );
-        let fresh = self.fresh.clone();
-        let durable = self.durable_write(
-            move |db| {
-                db.prepare_cached(
-                    "INSERT INTO received (from_id, id, from_name, from_key, body, sent_at_ms, received_ms, path, shown)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0)",
-                )?
-                .execute(params![
-                    &from_id.0[..],
-                    &id.0[..],
-                    from_name,
-                    from_key,
-                    body,
-                    sql_int(sent_at_ms),
-                    sql_int(now_ms()),
-                    path
-                ])
-                .map(drop)
-            },
-            move |_| forget_fresh(&fresh, key, false),
-        );
-        Ok((Incoming::New, Some(durable)))
+        Ok(match shown {
+            Some(true) => Incoming::Shown,
+            Some(false) => Incoming::NotShown,
+            None => {
+                fresh.insert(key, false);
+                Incoming::New
+            }
+        })
     }
 
-    /// Records that an incoming message was shown to the user.
-    pub fn mark_shown(&self, from_id: PeerId, id: MessageId) {
-        let key = (from_id, id);
+    /// Records an incoming message that is on the user's screen (its row,
+    /// marked shown), in the next commit: at most [`STORE_LINGER`] later.
+    pub fn mark_shown(&self, msg: ShownMessage) {
+        let key = (msg.from_id, msg.id);
         locked(&self.fresh).insert(key, true);
         let fresh = self.fresh.clone();
         self.write_behind(
             move |db| {
-                db.prepare_cached("UPDATE received SET shown = 1 WHERE from_id = ?1 AND id = ?2")?
-                    .execute(params![&from_id.0[..], &id.0[..]])
-                    .map(drop)
+                db.prepare_cached(
+                    "INSERT INTO received (from_id, id, from_name, from_key, body, sent_at_ms, received_ms, path, shown)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1)
+                     ON CONFLICT (from_id, id) DO UPDATE SET shown = 1",
+                )?
+                .execute(params![
+                    &msg.from_id.0[..],
+                    &msg.id.0[..],
+                    msg.from.as_str(),
+                    msg.from.key(),
+                    msg.body,
+                    sql_int(msg.sent_at_ms),
+                    sql_int(msg.received_ms),
+                    msg.path
+                ])
+                .map(drop)
             },
             move |_| forget_fresh(&fresh, key, true),
         );
@@ -740,7 +790,19 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<HistoryEntry>, StoreError> {
         let with = with.key();
-        self.call(move |db| history_rows(db, &with, limit)).await
+        let mut rows = self.call(move |db| history_rows(db, &with, limit)).await?;
+        // A message on its way may be `sent` in memory, `queued` on disk.
+        let ledger = locked(&self.ledger);
+        for row in rows.iter_mut().filter(|r| r.outgoing) {
+            if let Some(entry) = ledger.get(&row.id) {
+                let (state, path, _) = entry.state.columns();
+                row.state = state.to_owned();
+                if let Some(path) = path {
+                    row.path = Some(path.to_owned());
+                }
+            }
+        }
+        Ok(rows)
     }
 
     // ---- trust on first use -----------------------------------------------
@@ -819,6 +881,13 @@ impl Store {
     }
 }
 
+impl Drop for Store {
+    /// The database thread commits what is queued and stops.
+    fn drop(&mut self) {
+        self.jobs.close();
+    }
+}
+
 /// After a received row's write ended: drop its in-memory entry unless a
 /// newer write for it is pending. From then on the database answers for
 /// it; if the write failed, the database does not know the id and a resend
@@ -870,9 +939,9 @@ mod tests {
         let (a, b, c) = (MessageId([1; 16]), MessageId([2; 16]), MessageId([3; 16]));
         {
             let s = open(&dir);
-            s.queue(a, &name("bob"), "one", 1).wait().await.unwrap();
-            s.queue(b, &name("bob"), "two", 2).wait().await.unwrap();
-            s.queue(c, &name("carol"), "three", 3).wait().await.unwrap();
+            s.queue(a, &name("bob"), "one", 1);
+            s.queue(b, &name("bob"), "two", 2);
+            s.queue(c, &name("carol"), "three", 3);
             assert!(s.transition(a, &State::Sent(Path::Direct)).unwrap());
             assert!(s.transition(a, &State::Delivered(Path::Direct)).unwrap());
             assert!(s.transition(c, &State::Held).unwrap());
@@ -890,14 +959,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
         let id = MessageId([1; 16]);
-        let durable = s.queue(id, &name("bob"), "x", 1);
+        s.queue(id, &name("bob"), "x", 1);
         assert!(
             s.transition(id, &State::Undeliverable("gone".into()))
                 .unwrap()
         );
         // Before the commit (the ledger decides) ...
         assert!(!s.transition(id, &State::Delivered(Path::Direct)).unwrap());
-        durable.wait().await.unwrap();
         s.outbox().await.unwrap();
         // ... and after it (the row decides).
         assert!(!s.transition(id, &State::Delivered(Path::Direct)).unwrap());
@@ -909,6 +977,18 @@ mod tests {
         assert_eq!(s.sent_at(id).unwrap(), Some(1));
     }
 
+    fn shown(from_id: PeerId, from: &str, id: MessageId, body: &str) -> ShownMessage {
+        ShownMessage {
+            from_id,
+            from: name(from),
+            id,
+            body: body.into(),
+            sent_at_ms: 1,
+            received_ms: 2,
+            path: "direct",
+        }
+    }
+
     #[tokio::test]
     async fn dedupe_shows_an_id_once_per_sender_even_after_reopening() {
         let dir = tempfile::tempdir().unwrap();
@@ -916,38 +996,38 @@ mod tests {
         let id = MessageId([9; 16]);
         {
             let s = open(&dir);
-            let (first, durable) = s
-                .receive(alice, &name("alice"), id, "hi", 1, "direct")
-                .unwrap();
-            assert_eq!(first, Incoming::New);
-            // Recorded, not yet shown (the process could stop here): shown
-            // again, whether or not the row is committed yet.
-            let (again, _) = s
-                .receive(alice, &name("alice"), id, "hi", 1, "direct")
-                .unwrap();
-            assert_eq!(again, Incoming::NotShown);
-            durable.unwrap().wait().await.unwrap();
-            let (again, _) = s
-                .receive(alice, &name("alice"), id, "hi", 1, "direct")
-                .unwrap();
-            assert_eq!(again, Incoming::NotShown);
-            s.mark_shown(alice, id);
-            let (shown, _) = s
-                .receive(alice, &name("alice"), id, "hi", 1, "direct")
-                .unwrap();
-            assert_eq!(shown, Incoming::Shown);
+            assert_eq!(s.receive(alice, id).unwrap(), Incoming::New);
+            // Seen, not yet on screen (a copy on its way to the front end,
+            // or the process could stop here): shown again.
+            assert_eq!(s.receive(alice, id).unwrap(), Incoming::NotShown);
+            s.mark_shown(shown(alice, "alice", id, "hi"));
+            // Before its row is committed (memory) ...
+            assert_eq!(s.receive(alice, id).unwrap(), Incoming::Shown);
+            s.outbox().await.unwrap();
+            // ... and after (the row).
+            assert_eq!(s.receive(alice, id).unwrap(), Incoming::Shown);
             s.close().await;
         }
         let s = open(&dir);
-        let (after, _) = s
-            .receive(alice, &name("alice"), id, "hi", 1, "held")
-            .unwrap();
-        assert_eq!(after, Incoming::Shown);
+        assert_eq!(s.receive(alice, id).unwrap(), Incoming::Shown);
         // Another sender reusing the id cannot suppress alice's message or be suppressed.
-        let (other, _) = s
-            .receive(mallory, &name("mallory"), id, "x", 1, "direct")
-            .unwrap();
-        assert_eq!(other, Incoming::New);
+        assert_eq!(s.receive(mallory, id).unwrap(), Incoming::New);
+    }
+
+    #[tokio::test]
+    async fn a_message_seen_but_never_shown_is_not_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = PeerId([1; 32]);
+        let id = MessageId([9; 16]);
+        {
+            let s = open(&dir);
+            assert_eq!(s.receive(alice, id).unwrap(), Incoming::New);
+            s.close().await;
+        }
+        // The process stopped before showing it: the resend is new.
+        let s = open(&dir);
+        assert_eq!(s.receive(alice, id).unwrap(), Incoming::New);
+        assert!(s.history(&name("alice"), 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -961,16 +1041,12 @@ mod tests {
                 MessageId(id)
             })
             .collect();
-        let durables: Vec<Durable> = ids
-            .iter()
-            .map(|id| s.queue(*id, &name("bob"), "m", 1))
-            .collect();
+        for id in &ids {
+            s.queue(*id, &name("bob"), "m", 1);
+        }
         for id in &ids[..1000] {
             assert!(s.transition(*id, &State::Sent(Path::Direct)).unwrap());
             assert!(s.transition(*id, &State::Delivered(Path::Direct)).unwrap());
-        }
-        for d in durables {
-            d.wait().await.unwrap();
         }
         let outbox: Vec<MessageId> = s.outbox().await.unwrap().iter().map(|p| p.id).collect();
         assert_eq!(outbox, ids[1000..]);
@@ -980,17 +1056,14 @@ mod tests {
     async fn history_interleaves_both_directions_and_honours_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        let _ = s.queue(MessageId([1; 16]), &name("bob"), "hi bob", 1);
-        s.receive(
+        s.queue(MessageId([1; 16]), &name("bob"), "hi bob", 1);
+        s.mark_shown(shown(
             PeerId([2; 32]),
-            &name("Bob"),
+            "Bob",
             MessageId([2; 16]),
             "hi alice",
-            2,
-            "direct",
-        )
-        .unwrap();
-        let _ = s.queue(MessageId([3; 16]), &name("carol"), "not bob", 3);
+        ));
+        s.queue(MessageId([3; 16]), &name("carol"), "not bob", 3);
         // No wait for the commits: history sees every write submitted before it.
         let h = s.history(&name("BOB"), 10).await.unwrap();
         let bodies: Vec<&str> = h.iter().map(|e| e.body.as_str()).collect();
