@@ -15,7 +15,10 @@
 //! - [`delivery`]: the message state machine.
 //! - [`directory`]: the client list as this peer knows it.
 //! - [`net`]: the single QUIC endpoint and transport settings.
-//! - [`store`]: `peer.db` (pinned tracker key).
+//! - [`store`]: `peer.db` (outbox, history, shown-once set, pinned keys),
+//!   written in group commits by its own thread.
+//! - [`journal`]: `peer.journal`, the records that must survive a crash at
+//!   once (a message just sent, a message just shown), ahead of `peer.db`.
 //! - [`event`]: what the node tells its front end.
 //!
 //! Every task is spawned on the node's `TaskTracker` and stops with its
@@ -25,6 +28,7 @@ pub mod delivery;
 pub mod directory;
 pub mod event;
 pub mod frontend;
+pub mod journal;
 pub mod links;
 pub mod mail;
 pub mod net;

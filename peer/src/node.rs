@@ -456,7 +456,7 @@ impl Node {
             .map_err(|_| SendError::ShuttingDown)?;
         let id = MessageId::random();
         let sent_at_ms = now_ms();
-        self.inner.store.queue(id, &to, text, sent_at_ms);
+        self.inner.store.queue(id, &to, text, sent_at_ms)?;
         let msg = Outgoing::new(id, to.clone(), text.to_owned(), sent_at_ms, permit);
         self.inner.enqueue(&to, msg).await?;
         Ok(id)

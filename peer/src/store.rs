@@ -43,7 +43,10 @@ use tincan_proto::{MessageId, Name, PeerId};
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use crate::delivery::State;
+use crate::{
+    delivery::State,
+    journal::{Journal, Record},
+};
 
 /// Jobs waiting for the database thread; past this, submitting blocks
 /// until it catches up (back-pressure, never an unbounded queue).
@@ -247,6 +250,7 @@ impl Jobs {
 pub struct Store {
     path: String,
     jobs: Arc<Jobs>,
+    journal: Arc<Journal>,
     thread: Mutex<Option<JoinHandle<()>>>,
     read: Mutex<Connection>,
     ledger: Arc<Mutex<HashMap<MessageId, Entry>>>,
@@ -412,6 +416,72 @@ fn history_rows(db: &Connection, with: &str, limit: usize) -> rusqlite::Result<V
     Ok(out)
 }
 
+/// Writes one journal record to the database; idempotent, so a record
+/// replayed at start after it was committed changes nothing.
+fn apply(db: &Connection, record: &Record) -> rusqlite::Result<()> {
+    match record {
+        Record::Queued {
+            id,
+            to,
+            body,
+            sent_at_ms,
+        } => db
+            .prepare_cached(
+                "INSERT OR IGNORE INTO sent (id, to_name, to_key, body, sent_at_ms, state, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)",
+            )?
+            .execute(params![
+                &id.0[..],
+                to.as_str(),
+                to.key(),
+                body,
+                sql_int(*sent_at_ms),
+                sql_int(now_ms())
+            ])
+            .map(drop),
+        Record::Shown {
+            from_id,
+            from,
+            id,
+            body,
+            sent_at_ms,
+            received_ms,
+            path,
+        } => db
+            .prepare_cached(
+                "INSERT INTO received (from_id, id, from_name, from_key, body, sent_at_ms, received_ms, path, shown)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1)
+                 ON CONFLICT (from_id, id) DO UPDATE SET shown = 1",
+            )?
+            .execute(params![
+                &from_id.0[..],
+                &id.0[..],
+                from.as_str(),
+                from.key(),
+                body,
+                sql_int(*sent_at_ms),
+                sql_int(*received_ms),
+                path
+            ])
+            .map(drop),
+    }
+}
+
+/// Applies what the journal holds (a previous run's last moments).
+fn replay(db: &Connection, records: &[Record]) -> rusqlite::Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    db.execute_batch("BEGIN")?;
+    for record in records {
+        if let Err(e) = apply(db, record) {
+            let _ = db.execute_batch("ROLLBACK");
+            return Err(e);
+        }
+    }
+    db.execute_batch("COMMIT")
+}
+
 /// The database thread: takes a batch of jobs (see [`Jobs`]), runs them
 /// in one transaction, commits, and only then tells the jobs' waiters.
 fn run_writer(db: Connection, jobs: Arc<Jobs>, path: String) {
@@ -450,6 +520,13 @@ impl Store {
         ))
         .map_err(err)?;
         db.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        let (journal, records) =
+            Journal::open(&path.with_extension("journal")).map_err(|e| StoreError {
+                path: shown.clone(),
+                reason: format!("journal: {e}"),
+            })?;
+        replay(&db, &records).map_err(err)?;
+        journal.clear();
         let read = Connection::open(path).map_err(err)?;
         read.execute_batch(&format!(
             "PRAGMA busy_timeout = 5000; PRAGMA mmap_size = {MMAP_BYTES};"
@@ -481,6 +558,7 @@ impl Store {
         Ok(Self {
             path: shown,
             jobs,
+            journal: Arc::new(journal),
             thread: Mutex::new(Some(thread)),
             read: Mutex::new(read),
             ledger: Arc::new(Mutex::new(ledger)),
@@ -554,7 +632,9 @@ impl Store {
     /// Waits until everything submitted so far is committed, then stops the
     /// database thread. Later writes fail.
     pub async fn close(&self) {
-        let _ = self.call(|_| Ok(())).await;
+        if self.call(|_| Ok(())).await.is_ok() {
+            self.journal.clear();
+        }
         self.jobs.close();
         let thread = locked(&self.thread).take();
         if let Some(thread) = thread {
@@ -594,7 +674,22 @@ impl Store {
     /// Records a new outgoing message as `queued`: at once in memory (its
     /// state changes are accepted from now on), on disk in the next group
     /// commit, at most [`STORE_LINGER`] later.
-    pub fn queue(&self, id: MessageId, to: &Name, body: &str, sent_at_ms: u64) {
+    pub fn queue(
+        &self,
+        id: MessageId,
+        to: &Name,
+        body: &str,
+        sent_at_ms: u64,
+    ) -> Result<(), StoreError> {
+        let record = Record::Queued {
+            id,
+            to: to.clone(),
+            body: body.to_owned(),
+            sent_at_ms,
+        };
+        self.journal
+            .append(&record)
+            .map_err(|e| self.err(format!("journal: {e}")))?;
         locked(&self.ledger).insert(
             id,
             Entry {
@@ -603,31 +698,16 @@ impl Store {
                 state: State::Queued,
             },
         );
-        let (to_name, to_key, body) = (to.as_str().to_owned(), to.key(), body.to_owned());
-        let ledger = self.ledger.clone();
+        let journal = self.journal.clone();
         self.write_behind(
-            move |db| {
-                db.prepare_cached(
-                    "INSERT INTO sent (id, to_name, to_key, body, sent_at_ms, state, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)",
-                )?
-                .execute(params![
-                    &id.0[..],
-                    to_name,
-                    to_key,
-                    body,
-                    sql_int(sent_at_ms),
-                    sql_int(now_ms())
-                ])
-                .map(drop)
-            },
+            move |db| apply(db, &record),
             move |ok| {
-                if !ok {
-                    // Not on disk: report nothing more about it.
-                    locked(&ledger).remove(&id);
+                if ok {
+                    journal.committed();
                 }
             },
         );
+        Ok(())
     }
 
     /// The current state of an outgoing message.
@@ -759,27 +839,31 @@ impl Store {
     pub fn mark_shown(&self, msg: ShownMessage) {
         let key = (msg.from_id, msg.id);
         locked(&self.fresh).insert(key, true);
-        let fresh = self.fresh.clone();
+        let record = Record::Shown {
+            from_id: msg.from_id,
+            from: msg.from,
+            id: msg.id,
+            body: msg.body,
+            sent_at_ms: msg.sent_at_ms,
+            received_ms: msg.received_ms,
+            path: msg.path.to_owned(),
+        };
+        let journaled = match self.journal.append(&record) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(path = self.path, error = %e, "cannot journal a shown message");
+                false
+            }
+        };
+        let (fresh, journal) = (self.fresh.clone(), self.journal.clone());
         self.write_behind(
-            move |db| {
-                db.prepare_cached(
-                    "INSERT INTO received (from_id, id, from_name, from_key, body, sent_at_ms, received_ms, path, shown)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1)
-                     ON CONFLICT (from_id, id) DO UPDATE SET shown = 1",
-                )?
-                .execute(params![
-                    &msg.from_id.0[..],
-                    &msg.id.0[..],
-                    msg.from.as_str(),
-                    msg.from.key(),
-                    msg.body,
-                    sql_int(msg.sent_at_ms),
-                    sql_int(msg.received_ms),
-                    msg.path
-                ])
-                .map(drop)
+            move |db| apply(db, &record),
+            move |ok| {
+                if ok && journaled {
+                    journal.committed();
+                }
+                forget_fresh(&fresh, key, true);
             },
-            move |_| forget_fresh(&fresh, key, true),
         );
     }
 
@@ -939,9 +1023,9 @@ mod tests {
         let (a, b, c) = (MessageId([1; 16]), MessageId([2; 16]), MessageId([3; 16]));
         {
             let s = open(&dir);
-            s.queue(a, &name("bob"), "one", 1);
-            s.queue(b, &name("bob"), "two", 2);
-            s.queue(c, &name("carol"), "three", 3);
+            s.queue(a, &name("bob"), "one", 1).unwrap();
+            s.queue(b, &name("bob"), "two", 2).unwrap();
+            s.queue(c, &name("carol"), "three", 3).unwrap();
             assert!(s.transition(a, &State::Sent(Path::Direct)).unwrap());
             assert!(s.transition(a, &State::Delivered(Path::Direct)).unwrap());
             assert!(s.transition(c, &State::Held).unwrap());
@@ -959,7 +1043,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
         let id = MessageId([1; 16]);
-        s.queue(id, &name("bob"), "x", 1);
+        s.queue(id, &name("bob"), "x", 1).unwrap();
         assert!(
             s.transition(id, &State::Undeliverable("gone".into()))
                 .unwrap()
@@ -1031,6 +1115,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn what_the_journal_holds_is_in_the_database_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, id) = (PeerId([1; 32]), MessageId([7; 16]));
+        // A run that stopped right after journaling: the records, no rows.
+        {
+            let (journal, _) = Journal::open(&dir.path().join("peer.journal")).unwrap();
+            journal
+                .append(&Record::Queued {
+                    id: MessageId([1; 16]),
+                    to: name("bob"),
+                    body: "typed just before the crash".into(),
+                    sent_at_ms: 1,
+                })
+                .unwrap();
+            journal
+                .append(&Record::Shown {
+                    from_id: alice,
+                    from: name("alice"),
+                    id,
+                    body: "shown just before the crash".into(),
+                    sent_at_ms: 1,
+                    received_ms: 2,
+                    path: "direct".into(),
+                })
+                .unwrap();
+        }
+        let s = open(&dir);
+        let outbox = s.outbox().await.unwrap();
+        assert_eq!(outbox.len(), 1);
+        assert_eq!(outbox[0].body, "typed just before the crash");
+        // The resend of the shown message is recognised: not shown again.
+        assert_eq!(s.receive(alice, id).unwrap(), Incoming::Shown);
+        s.close().await;
+        assert_eq!(
+            std::fs::metadata(dir.path().join("peer.journal"))
+                .unwrap()
+                .len(),
+            0
+        );
+        // Applied once, whatever the number of restarts.
+        assert_eq!(open(&dir).outbox().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
     async fn many_writes_are_committed_in_order_in_few_transactions() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
@@ -1042,7 +1170,7 @@ mod tests {
             })
             .collect();
         for id in &ids {
-            s.queue(*id, &name("bob"), "m", 1);
+            s.queue(*id, &name("bob"), "m", 1).unwrap();
         }
         for id in &ids[..1000] {
             assert!(s.transition(*id, &State::Sent(Path::Direct)).unwrap());
@@ -1056,14 +1184,16 @@ mod tests {
     async fn history_interleaves_both_directions_and_honours_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        s.queue(MessageId([1; 16]), &name("bob"), "hi bob", 1);
+        s.queue(MessageId([1; 16]), &name("bob"), "hi bob", 1)
+            .unwrap();
         s.mark_shown(shown(
             PeerId([2; 32]),
             "Bob",
             MessageId([2; 16]),
             "hi alice",
         ));
-        s.queue(MessageId([3; 16]), &name("carol"), "not bob", 3);
+        s.queue(MessageId([3; 16]), &name("carol"), "not bob", 3)
+            .unwrap();
         // No wait for the commits: history sees every write submitted before it.
         let h = s.history(&name("BOB"), 10).await.unwrap();
         let bodies: Vec<&str> = h.iter().map(|e| e.body.as_str()).collect();
