@@ -22,16 +22,20 @@
 //! still acknowledged (and anything that is not is resent by the sender).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use futures_util::{FutureExt, SinkExt, StreamExt, future::select_ok, stream::FuturesUnordered};
+use futures_util::{
+    FutureExt, SinkExt, StreamExt,
+    future::{BoxFuture, select_ok},
+    stream::FuturesUnordered,
+};
 use quinn::Connection;
 use tincan_proto::{
     ALPN_PEER, Codec, MAX_BODY_LEN, MessageId, Name, PeerId, close,
@@ -40,7 +44,7 @@ use tincan_proto::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    sync::{Notify, OnceCell, mpsc, oneshot},
+    sync::{Notify, OnceCell, mpsc},
     time::timeout,
 };
 use tokio_util::{
@@ -53,6 +57,7 @@ use crate::{
     event::{Event, Path},
     net,
     node::Inner,
+    outbox::ACK_TIMEOUT,
     relay,
     tracker_client::Command,
 };
@@ -101,6 +106,8 @@ pub enum LinkError {
     Lost(String),
     #[error("refused by the receiver: {0}")]
     Refused(Refusal),
+    #[error("no acknowledgement within {0:?}")]
+    NoAck(Duration),
 }
 
 enum Transport {
@@ -117,7 +124,45 @@ enum Transport {
     },
 }
 
-type Pending = HashMap<MessageId, oneshot::Sender<Result<(), LinkError>>>;
+/// What to do once a message's fate on a link is known: acknowledged,
+/// refused, lost with the link, or no ack within [`ACK_TIMEOUT`]. The
+/// future it returns is awaited by the link's ack reader (an ack is
+/// settled right there, no task in between) or spawned (a failure).
+pub type OnAck = Box<dyn FnOnce(Result<(), LinkError>) -> BoxFuture<'static, ()> + Send>;
+
+/// Messages written to a link and not yet acknowledged.
+#[derive(Default)]
+struct Pending {
+    waiting: HashMap<MessageId, OnAck>,
+    /// When each one times out, oldest first (settled ones are skipped).
+    deadlines: VecDeque<(Instant, MessageId)>,
+}
+
+impl Pending {
+    /// The callbacks of messages whose ack is overdue at `now`.
+    fn overdue(&mut self, now: Instant) -> Vec<OnAck> {
+        let mut due = Vec::new();
+        while let Some((at, id)) = self.deadlines.front().copied() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            due.extend(self.waiting.remove(&id));
+        }
+        due
+    }
+
+    /// The next deadline of a message still waiting.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some((at, id)) = self.deadlines.front() {
+            if self.waiting.contains_key(id) {
+                return Some(*at);
+            }
+            self.deadlines.pop_front();
+        }
+        None
+    }
+}
 
 /// One path to one peer.
 #[derive(Clone)]
@@ -216,26 +261,46 @@ impl Link {
     }
 
     /// Fails every unacknowledged message on this link (the sender retries).
-    fn fail_pending(&self, error: LinkError) {
-        for (_, tx) in self.pending().drain() {
-            let _ = tx.send(Err(error.clone()));
-        }
+    fn fail_pending(&self, inner: &Inner, error: LinkError) {
+        let failed: Vec<OnAck> = {
+            let mut pending = self.pending();
+            pending.deadlines.clear();
+            pending.waiting.drain().map(|(_, f)| f).collect()
+        };
         self.0.drained.notify_waiters();
+        for on_ack in failed {
+            inner.tasks.spawn(on_ack(Err(error.clone())));
+        }
     }
 
-    /// Settles one message; wakes `drained` waiters when none are left.
-    fn settle(&self, id: &MessageId, result: Result<(), LinkError>) {
-        let (tx, empty) = {
+    /// Fails the messages whose ack is overdue.
+    fn expire(&self, inner: &Inner) {
+        let (due, empty) = {
             let mut pending = self.pending();
-            let tx = pending.remove(id);
-            (tx, pending.is_empty())
+            let due = pending.overdue(Instant::now());
+            (due, pending.waiting.is_empty())
         };
-        if let Some(tx) = tx {
-            let _ = tx.send(result);
-        }
         if empty {
             self.0.drained.notify_waiters();
         }
+        for on_ack in due {
+            inner
+                .tasks
+                .spawn(on_ack(Err(LinkError::NoAck(ACK_TIMEOUT))));
+        }
+    }
+
+    /// Takes one message's callback; wakes `drained` waiters when none are left.
+    fn settle(&self, id: &MessageId) -> Option<OnAck> {
+        let (on_ack, empty) = {
+            let mut pending = self.pending();
+            let on_ack = pending.waiting.remove(id);
+            (on_ack, pending.waiting.is_empty())
+        };
+        if empty {
+            self.0.drained.notify_waiters();
+        }
+        on_ack
     }
 
     /// Resolves when no message on this link awaits its acknowledgement.
@@ -244,7 +309,7 @@ impl Link {
             let notified = self.0.drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.pending().is_empty() || !self.alive() {
+            if self.pending().waiting.is_empty() || !self.alive() {
                 return;
             }
             notified.await;
@@ -255,28 +320,34 @@ impl Link {
         Arc::ptr_eq(&self.0, &other.0)
     }
 
-    /// Queues one message; the receiver resolves when its ack arrives.
-    pub async fn send(
-        &self,
-        inner: &Arc<Inner>,
-        msg: ToReceiver,
-    ) -> Result<oneshot::Receiver<Result<(), LinkError>>, LinkError> {
+    /// Queues one message; `on_ack` runs once its fate on this link is
+    /// known (at once, with the error, if it cannot be written).
+    pub async fn send(&self, inner: &Arc<Inner>, msg: ToReceiver, on_ack: OnAck) {
         let ToReceiver::Msg { id, .. } = &msg else {
-            return Err(LinkError::Lost("only messages can be queued".into()));
+            return on_ack(Err(LinkError::Lost("only messages can be queued".into()))).await;
         };
         let id = *id;
-        let out = self
+        let out = match self
             .0
             .out
             .get_or_try_init(|| self.open_outbound(inner))
-            .await?;
-        let (tx, rx) = oneshot::channel();
-        self.pending().insert(id, tx);
-        if out.send(msg).await.is_err() {
-            self.pending().remove(&id);
-            return Err(LinkError::Lost("link writer stopped".into()));
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => return on_ack(Err(e)).await,
+        };
+        {
+            let mut pending = self.pending();
+            pending.waiting.insert(id, on_ack);
+            pending
+                .deadlines
+                .push_back((Instant::now() + ACK_TIMEOUT, id));
         }
-        Ok(rx)
+        if out.send(msg).await.is_err()
+            && let Some(on_ack) = self.settle(&id)
+        {
+            on_ack(Err(LinkError::Lost("link writer stopped".into()))).await;
+        }
     }
 
     /// Opens our message stream on a direct link.
@@ -369,12 +440,27 @@ where
     inner.tasks.spawn(async move {
         let mut reader = FramedRead::new(recv, Codec::<ToSender, ()>::default());
         let end = loop {
+            let deadline = link.pending().next_deadline();
+            let overdue = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             let frame = tokio::select! {
                 frame = reader.next() => frame,
+                () = overdue => {
+                    link.expire(&events);
+                    continue;
+                }
                 () = link.closed() => break LinkError::Lost("link closed".into()),
             };
             match frame {
-                Some(Ok(ToSender::Ack { id })) => link.settle(&id, Ok(())),
+                Some(Ok(ToSender::Ack { id })) => {
+                    if let Some(on_ack) = link.settle(&id) {
+                        on_ack(Ok(())).await;
+                    }
+                }
                 Some(Ok(ToSender::Refused { reason })) => {
                     events
                         .emit(Event::Warning {
@@ -393,7 +479,7 @@ where
         if link.path() == Path::Relay {
             link.close(close::NORMAL, b"circuit ended");
         }
-        link.fail_pending(end);
+        link.fail_pending(&events, end);
     });
     Ok(tx)
 }
@@ -796,7 +882,7 @@ async fn serve_connection(inner: Arc<Inner>, link: Link) {
     };
     debug!(reason = %error, "link closed");
     inner.links.remove_if(&link);
-    link.fail_pending(LinkError::Lost(error.to_string()));
+    link.fail_pending(&inner, LinkError::Lost(error.to_string()));
 }
 
 /// One incoming message stream (direct or relayed): authenticate the

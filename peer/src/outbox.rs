@@ -34,7 +34,7 @@ use tracing::{debug, warn};
 use crate::{
     delivery::State,
     event::{Event, Path},
-    links::{Link, LinkError},
+    links::{Link, LinkError, OnAck},
     node::{Inner, SendError},
     store::{Pending, now_ms},
     tracker_client::{Command, TRACKER_TIMEOUT},
@@ -264,47 +264,39 @@ impl Inner {
             sent_at_ms: msg.sent_at_ms,
             body: msg.body.clone(),
         };
-        let acked = match link.send(self, frame).await {
-            Ok(acked) => acked,
-            Err(e) => {
-                self.clone().retry(msg, e.to_string()).await;
-                return Turn::Done;
-            }
-        };
-        self.settle(&msg, State::Sent(link.path())).await;
-        self.tasks
-            .spawn(self.clone().await_ack(msg, link.path(), acked));
+        // `sent` once handed to the link, so it is always reported before
+        // `delivered`; a failed write puts it back to `queued`.
+        let path = link.path();
+        self.settle(&msg, State::Sent(path)).await;
+        let inner = self.clone();
+        let on_ack: OnAck = Box::new(move |result| Box::pin(inner.acknowledged(msg, path, result)));
+        link.send(self, frame, on_ack).await;
         Turn::Done
     }
 
-    /// Waits for the acknowledgement of a message written to a link.
-    async fn await_ack(
+    /// What the link said of a message written to it.
+    async fn acknowledged(
         self: Arc<Self>,
         msg: Outgoing,
         path: Path,
-        acked: oneshot::Receiver<Result<(), LinkError>>,
+        result: Result<(), LinkError>,
     ) {
-        match tokio::time::timeout(ACK_TIMEOUT, acked).await {
-            Ok(Ok(Ok(()))) => {
+        match result {
+            Ok(()) => {
                 self.settle(&msg, State::Delivered(path)).await;
             }
-            Ok(Ok(Err(LinkError::Refused(Refusal::UnknownSender)))) => {
+            Err(LinkError::Refused(Refusal::UnknownSender)) => {
                 // The receiver could not yet tell that this key is ours
                 // (its list is behind, its tracker away): try again, and
                 // in the end through the tracker, which vouches for us.
                 let reason = format!("{} does not know this key yet", msg.to);
                 self.retry(msg, reason).await;
             }
-            Ok(Ok(Err(LinkError::Refused(reason)))) => {
+            Err(LinkError::Refused(reason)) => {
                 let reason = format!("refused by {}: {reason}", msg.to);
                 self.settle(&msg, State::Undeliverable(reason)).await;
             }
-            Ok(Ok(Err(e))) => self.retry(msg, e.to_string()).await,
-            Ok(Err(_)) => self.retry(msg, "link dropped".into()).await,
-            Err(_) => {
-                self.retry(msg, format!("no acknowledgement within {ACK_TIMEOUT:?}"))
-                    .await
-            }
+            Err(e) => self.retry(msg, e.to_string()).await,
         }
     }
 
