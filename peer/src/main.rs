@@ -42,6 +42,10 @@ struct Args {
     /// write to do not learn your address.
     #[arg(long)]
     relay_only: bool,
+    /// Longest a write to peer.db may wait to be committed with others, in
+    /// milliseconds (messages just sent or shown are journaled at once anyway).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    store_linger_ms: u64,
 }
 
 fn parse_key(s: &str) -> Result<PeerId, String> {
@@ -93,6 +97,7 @@ async fn run(args: Args) -> anyhow::Result<Exit> {
     config.bind = args.bind;
     config.offline_delivery = !args.no_offline;
     config.relay_only = args.relay_only;
+    config.store_linger = std::time::Duration::from_millis(args.store_linger_ms);
     let (node, events) = Node::start(config).await?;
     let mode = if args.json { Mode::Json } else { Mode::Text };
     Ok(frontend::run(node, events, mode).await)

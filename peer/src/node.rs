@@ -60,6 +60,8 @@ pub struct Config {
     /// Send only through relay circuits: never dial peers directly (hides
     /// this peer's address from the people it writes to).
     pub relay_only: bool,
+    /// Longest a write to `peer.db` waits to be committed with others.
+    pub store_linger: Duration,
 }
 
 impl Config {
@@ -74,6 +76,7 @@ impl Config {
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
             offline_delivery: true,
             relay_only: false,
+            store_linger: crate::store::STORE_LINGER,
         }
     }
 }
@@ -354,7 +357,7 @@ impl Node {
             path: config.data_dir.display().to_string(),
             source,
         })?;
-        let store = Store::open(&config.data_dir.join("peer.db"))?;
+        let store = Store::open(&config.data_dir.join("peer.db"), config.store_linger)?;
         let identity = Identity::load_or_create(&config.data_dir.join("identity.key"))?;
         let seal = SealKeys::load_or_create(&config.data_dir.join("seal.key"))?;
         let signed_seal = sign_seal_key(&identity, &seal)?;

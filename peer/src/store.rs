@@ -53,9 +53,9 @@ use crate::{
 pub const STORE_QUEUE: usize = 8192;
 /// Most jobs committed in one transaction.
 pub const STORE_BATCH: usize = 1024;
-/// Longest a write nobody waits for (a state change, a "shown" mark, a
-/// pinned key) stays uncommitted when no waited-for write comes along to
-/// carry it: the most a crash can take back of those.
+/// Default for how long a write nobody waits for (a state change, a
+/// pinned key, a row already in the journal) stays uncommitted when no
+/// waited-for write comes along to carry it (`Config::store_linger`).
 pub const STORE_LINGER: Duration = Duration::from_millis(5);
 /// Memory-mapped reads (the dedupe lookups): no copies, and no cache to
 /// rebuild after every commit.
@@ -171,8 +171,8 @@ type ReceivedKey = (PeerId, MessageId);
 /// The database thread's queue. A job someone waits for wakes the thread;
 /// the others ride along with the next commit, or wait [`STORE_LINGER`]:
 /// fewer wake-ups and fewer, larger transactions.
-#[derive(Default)]
 struct Jobs {
+    linger: Duration,
     queue: Mutex<Queue>,
     /// The thread waits here for work.
     work: Condvar,
@@ -189,6 +189,15 @@ struct Queue {
 }
 
 impl Jobs {
+    fn new(linger: Duration) -> Self {
+        Self {
+            linger,
+            queue: Mutex::default(),
+            work: Condvar::new(),
+            room: Condvar::new(),
+        }
+    }
+
     /// False once the queue is closed.
     fn push(&self, job: Job, urgent: bool) -> bool {
         let mut q = locked(&self.queue);
@@ -221,7 +230,7 @@ impl Jobs {
             }
             let (guard, waited) = self
                 .work
-                .wait_timeout(q, STORE_LINGER)
+                .wait_timeout(q, self.linger)
                 .unwrap_or_else(|p| p.into_inner());
             q = guard;
             if waited.timed_out() {
@@ -507,7 +516,9 @@ fn run_writer(db: Connection, jobs: Arc<Jobs>, path: String) {
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Opens `path` (and `peer.journal` beside it); writes nobody waits
+    /// for are committed at most `linger` after they were queued.
+    pub fn open(path: &Path, linger: Duration) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
         let err = |e: rusqlite::Error| StoreError {
             path: shown.clone(),
@@ -546,7 +557,7 @@ impl Store {
             })
             .collect();
         let keys = known_keys(&db).map_err(err)?;
-        let jobs = Arc::new(Jobs::default());
+        let jobs = Arc::new(Jobs::new(linger));
         let (thread_jobs, thread_path) = (jobs.clone(), shown.clone());
         let thread = std::thread::Builder::new()
             .name("peer-db".into())
@@ -989,7 +1000,7 @@ mod tests {
     use crate::event::Path;
 
     fn open(dir: &tempfile::TempDir) -> Store {
-        Store::open(&dir.path().join("peer.db")).unwrap()
+        Store::open(&dir.path().join("peer.db"), STORE_LINGER).unwrap()
     }
 
     fn name(s: &str) -> Name {
@@ -1012,7 +1023,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("peer.db");
         std::fs::write(&path, vec![0x42u8; 4096]).unwrap();
-        let err = Store::open(&path).err().unwrap().to_string();
+        let err = Store::open(&path, STORE_LINGER).err().unwrap().to_string();
         assert!(err.contains("peer.db"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), vec![0x42u8; 4096]);
     }

@@ -194,6 +194,42 @@ async fn unsent_messages_survive_a_sender_crash_and_are_sent_after_restart() -> 
 }
 
 #[tokio::test]
+async fn messages_sent_the_instant_before_a_crash_are_not_lost() -> Result<()> {
+    // The rows of peer.db follow a few milliseconds behind; peer.journal
+    // must carry what the user sent in between.
+    let mut tracker = Tracker::start().await?;
+    let alice_dir = tempfile::tempdir()?;
+    // peer.db lags a minute behind: only the journal can have them.
+    let mut alice = PeerOpts::new("alice", &tracker, Mode::Json)
+        .dir(alice_dir.path())
+        .arg("--store-linger-ms")
+        .arg("60000")
+        .start()
+        .await?;
+    tracker.kill().await?;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(alice.send("carol", &format!("last words {i}")).await?);
+    }
+    // No other command in between: killed right after the last reply.
+    alice.kill().await?;
+
+    let tracker = tracker.restart().await?;
+    let mut carol = Peer::start_json("carol", &tracker).await?;
+    let _alice = PeerOpts::new("alice", &tracker, Mode::Json)
+        .dir(alice_dir.path())
+        .start()
+        .await?;
+    for (i, id) in ids.iter().enumerate() {
+        let msg = carol
+            .expect_event("message", |v| v["msg_id"] == id.as_str())
+            .await?;
+        assert_eq!(msg["text"], format!("last words {i}"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn history_shows_both_directions_in_text_and_json() -> Result<()> {
     let tracker = Tracker::start().await?;
     let mut bob = Peer::start_text("bob", &tracker).await?;
