@@ -157,6 +157,9 @@ struct Entry {
     to: Name,
     sent_at_ms: u64,
     state: State,
+    /// Its row is written (or being written). Until then a state change
+    /// needs no write of its own: the insert takes the latest state.
+    inserted: bool,
 }
 
 /// A pinned key and a changed one waiting for `/accept`.
@@ -429,25 +432,7 @@ fn history_rows(db: &Connection, with: &str, limit: usize) -> rusqlite::Result<V
 /// replayed at start after it was committed changes nothing.
 fn apply(db: &Connection, record: &Record) -> rusqlite::Result<()> {
     match record {
-        Record::Queued {
-            id,
-            to,
-            body,
-            sent_at_ms,
-        } => db
-            .prepare_cached(
-                "INSERT OR IGNORE INTO sent (id, to_name, to_key, body, sent_at_ms, state, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6)",
-            )?
-            .execute(params![
-                &id.0[..],
-                to.as_str(),
-                to.key(),
-                body,
-                sql_int(*sent_at_ms),
-                sql_int(now_ms())
-            ])
-            .map(drop),
+        Record::Queued { .. } => insert_sent(db, record, &State::Queued),
         Record::Shown {
             from_id,
             from,
@@ -474,6 +459,37 @@ fn apply(db: &Connection, record: &Record) -> rusqlite::Result<()> {
             ])
             .map(drop),
     }
+}
+
+/// The row of a message this peer sent, in `state` (a `Queued` record;
+/// anything else is ignored). Kept if it exists already.
+fn insert_sent(db: &Connection, record: &Record, state: &State) -> rusqlite::Result<()> {
+    let Record::Queued {
+        id,
+        to,
+        body,
+        sent_at_ms,
+    } = record
+    else {
+        return Ok(());
+    };
+    let (state, path, reason) = state.columns();
+    db.prepare_cached(
+        "INSERT OR IGNORE INTO sent (id, to_name, to_key, body, sent_at_ms, state, path, reason, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        &id.0[..],
+        to.as_str(),
+        to.key(),
+        body,
+        sql_int(*sent_at_ms),
+        state,
+        path,
+        reason,
+        sql_int(now_ms())
+    ])
+    .map(drop)
 }
 
 /// Applies what the journal holds (a previous run's last moments).
@@ -552,6 +568,7 @@ impl Store {
                     to: p.to,
                     sent_at_ms: p.sent_at_ms,
                     state: p.state,
+                    inserted: true,
                 };
                 (p.id, entry)
             })
@@ -707,17 +724,41 @@ impl Store {
                 to: to.clone(),
                 sent_at_ms,
                 state: State::Queued,
+                inserted: false,
             },
         );
-        let journal = self.journal.clone();
-        self.write_behind(
-            move |db| apply(db, &record),
-            move |ok| {
-                if ok {
+        let (ledger, journal, path) =
+            (self.ledger.clone(), self.journal.clone(), self.path.clone());
+        let job: Job = Box::new(move |db| {
+            // Most messages are delivered before their row is written:
+            // one insert with the final state instead of insert + update.
+            let state = locked(&ledger)
+                .get_mut(&id)
+                .map(|e| {
+                    e.inserted = true;
+                    e.state.clone()
+                })
+                .unwrap_or(State::Queued);
+            let result = insert_sent(db, &record, &state);
+            if let Err(e) = &result {
+                warn!(path, error = %e, "cannot write to the database");
+            }
+            let written = result.is_ok();
+            Some(Box::new(move |committed| {
+                if committed && written {
                     journal.committed();
+                    if state.is_final() {
+                        locked(&ledger).remove(&id);
+                    }
                 }
-            },
-        );
+            }))
+        });
+        if !self.submit(job, false) {
+            warn!(
+                path = self.path,
+                "the database thread stopped; a write is lost"
+            );
+        }
         Ok(())
     }
 
@@ -751,6 +792,11 @@ impl Store {
             };
             if !entry.state.may_become(next) {
                 return Ok(false);
+            }
+            if !entry.inserted {
+                // Its insert, still queued, will write this state.
+                entry.state = next.clone();
+                return Ok(true);
             }
             std::mem::replace(&mut entry.state, next.clone())
         };
