@@ -15,12 +15,13 @@ use std::{io::Write, time::Duration};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tincan_proto::MessageId;
+use tincan_proto::{MessageId, PeerId};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use crate::{
-    Event, Node, Path, PeerStatus, links::DIAL_TIMEOUT, outbox::ACK_TIMEOUT, store::HistoryEntry,
+    Event, KeyInfo, Node, Path, PeerStatus, links::DIAL_TIMEOUT, outbox::ACK_TIMEOUT,
+    store::HistoryEntry,
 };
 
 /// Longest input line accepted (a maximal message plus its command); a
@@ -216,13 +217,13 @@ impl Output {
             }
             "/verify" => match rest {
                 "" => self.line(&format!("your key: {}", node.id())),
-                name => match node
-                    .peers()
-                    .into_iter()
-                    .find(|p| p.info.name.key() == name.to_ascii_lowercase())
-                {
-                    Some(p) => self.line(&format!("{}'s key: {}", p.info.name, p.info.id)),
-                    None => self.line(&format!("{name} is not on the client list")),
+                name => match node.key_info(name) {
+                    Ok(keys) => {
+                        for line in verify_lines(name, &keys) {
+                            self.line(&line);
+                        }
+                    }
+                    Err(e) => self.error(None, &e.to_string()),
                 },
             },
             "/accept" => match node.accept_key(rest).await {
@@ -320,9 +321,23 @@ impl Output {
                     Err(e) => self.error(Some(&id), &e.to_string()),
                 }
             }
-            Some("verify") => {
-                self.json(json!({"id": id, "ok": true, "peer_id": node.id().to_string()}))
-            }
+            Some("verify") => match str_field("name") {
+                None => self.json(json!({"id": id, "ok": true, "peer_id": node.id().to_string()})),
+                Some(name) => match node.key_info(name) {
+                    Ok(keys) => {
+                        let hex = |k: Option<PeerId>| k.map(|k| k.to_string());
+                        self.json(json!({
+                            "id": id,
+                            "ok": true,
+                            "name": name,
+                            "pinned": hex(keys.pinned),
+                            "pending": hex(keys.pending),
+                            "announced": hex(keys.announced),
+                        }))
+                    }
+                    Err(e) => self.error(Some(&id), &e.to_string()),
+                },
+            },
             Some("logout") => {
                 self.json(json!({"id": id, "ok": true}));
                 return Flow::Quit;
@@ -362,6 +377,25 @@ const HELP: &str = "commands:
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `/verify NAME`: the trusted key first, then what differs from it.
+fn verify_lines(name: &str, keys: &KeyInfo) -> Vec<String> {
+    match (keys.pinned, keys.pending, keys.announced) {
+        (Some(pinned), None, _) => vec![format!(
+            "{name}'s key: {pinned} (trusted since your first contact; compare it with what {name}'s /verify shows)"
+        )],
+        (Some(pinned), Some(new), _) => vec![
+            format!("{name}'s trusted key: {pinned}"),
+            format!(
+                "{name}'s key CHANGED: the tracker now announces {new}; check it with {name}, then /accept {name}"
+            ),
+        ],
+        (None, _, Some(announced)) => vec![format!(
+            "{name}'s key as the tracker announces it: {announced} (not trusted yet: your first exchange pins it)"
+        )],
+        (None, _, None) => vec![format!("no key known for {name}: never seen, not online")],
+    }
 }
 
 fn who_line(p: &PeerStatus) -> String {

@@ -39,4 +39,4 @@ pub mod store;
 pub mod tracker_client;
 
 pub use event::{Event, Path};
-pub use node::{Config, Node, PeerStatus, SendError, StartError};
+pub use node::{Config, KeyInfo, Node, PeerStatus, SendError, StartError};

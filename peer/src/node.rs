@@ -118,6 +118,17 @@ pub enum SendError {
     Storage(#[from] StoreError),
 }
 
+/// What this peer knows of a name's key (`/verify NAME`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The key trusted for the name (pinned at first contact, or accepted).
+    pub pinned: Option<PeerId>,
+    /// A different key the tracker announced, waiting for `/accept`.
+    pub pending: Option<PeerId>,
+    /// The key the tracker announces for the name now, if it is online.
+    pub announced: Option<PeerId>,
+}
+
 /// One row of `/who`.
 #[derive(Debug, Clone)]
 pub struct PeerStatus {
@@ -486,6 +497,18 @@ impl Node {
     /// Messages not yet delivered or undeliverable.
     pub async fn outbox(&self) -> Result<Vec<Pending>, StoreError> {
         self.inner.store.outbox().await
+    }
+
+    /// The keys this peer knows for `name`: pinned, waiting, announced.
+    pub fn key_info(&self, name: &str) -> Result<KeyInfo, NameError> {
+        let name = Name::parse(name)?;
+        let (pinned, pending) = self.inner.store.key_status(&name);
+        let announced = self.inner.directory().get(&name).map(|i| i.id);
+        Ok(KeyInfo {
+            pinned,
+            pending,
+            announced,
+        })
     }
 
     /// Trusts the new key the tracker announced for `name` (after the user

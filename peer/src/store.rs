@@ -996,6 +996,14 @@ impl Store {
         locked(&self.keys).get(&name.key()).map(|k| k.key)
     }
 
+    /// The pinned key for `name` and a changed one waiting for `/accept`.
+    pub fn key_status(&self, name: &Name) -> (Option<PeerId>, Option<PeerId>) {
+        match locked(&self.keys).get(&name.key()) {
+            Some(k) => (Some(k.key), k.pending),
+            None => (None, None),
+        }
+    }
+
     /// The user accepts the changed key announced for `name`; returns it.
     pub async fn accept_key(&self, name: &Name) -> Result<Option<PeerId>, StoreError> {
         let name_key = name.key();

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde_json::json;
+use serde_json::{Value, json};
 use tincan_tests::{Mode, Peer, PeerOpts, Tracker, WAIT};
 
 async fn logged_out(mut peer: Peer) -> Result<()> {
@@ -285,6 +285,13 @@ async fn a_changed_key_is_refused_until_the_user_accepts_it() -> Result<()> {
         .expect_event("key_changed", |v| v["name"] == "bob")
         .await?;
     assert_ne!(changed["pinned"], changed["announced"]);
+    // /verify shows the trusted key, and the new one apart from it.
+    let keys = alice
+        .command(json!({"cmd": "verify", "name": "bob"}))
+        .await?;
+    assert_eq!(keys["pinned"], changed["pinned"], "{keys}");
+    assert_eq!(keys["pending"], changed["announced"], "{keys}");
+    assert_eq!(keys["announced"], changed["announced"], "{keys}");
     let id = alice.send("bob", "is that you?").await?;
     let refused = alice
         .expect_event("undeliverable", |v| v["msg_id"] == id.as_str())
@@ -302,6 +309,11 @@ async fn a_changed_key_is_refused_until_the_user_accepts_it() -> Result<()> {
         .await?;
     assert_eq!(accepted["ok"], true, "{accepted}");
     assert_eq!(accepted["peer_id"], changed["announced"]);
+    let keys = alice
+        .command(json!({"cmd": "verify", "name": "bob"}))
+        .await?;
+    assert_eq!(keys["pinned"], changed["announced"], "{keys}");
+    assert_eq!(keys["pending"], Value::Null, "{keys}");
     let id = alice.send("bob", "welcome, new bob").await?;
     alice
         .expect_event("delivered", |v| v["msg_id"] == id.as_str())
