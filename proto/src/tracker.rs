@@ -16,6 +16,18 @@
 //!  |-- Logout ----------------------->|
 //!  |<-- Goodbye ----------------------|  the peer closes; Presence(Left) to everyone
 //! ```
+//!
+//! A tracker in subscribe mode answers `Thanks` with `SubscribeMode` instead
+//! of the full list; the peer then names the peers it follows, and hears
+//! about those only:
+//!
+//! ```text
+//!  |<-- SubscribeMode{max} -----------|  6. no full list in this mode
+//!  |-- Subscribe{names} ------------->|     the names this peer follows
+//!  |<-- Subscribed{peers, last} ------|     the online ones among them (paged)
+//!  |        ... Presence deltas of followed names, Subscribe/Unsubscribe,
+//!  |            ListPage/ListPageReply (everyone online, a page at a time) ...
+//! ```
 
 use std::net::SocketAddr;
 
@@ -23,8 +35,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{MessageId, Name, PeerId};
 
-/// Most entries in one `ClientList` page, so that a page of peers with the
-/// maximum number of local addresses stays under [`crate::MAX_FRAME_LEN`].
+/// Most entries in one `ClientList`, `Subscribed` or `ListPageReply` page,
+/// so that a page of peers with the maximum number of local addresses stays
+/// under [`crate::MAX_FRAME_LEN`].
 pub const LIST_PAGE: usize = 256;
 
 /// Frames a peer sends to the tracker.
@@ -80,6 +93,21 @@ pub enum ToTracker {
     /// Asks the tracker to coordinate a simultaneous dial (hole punch) with
     /// `to`; both sides then receive `Punch`.
     Connect { to: Name },
+    /// Follow these names (online or not): their joins and leaves reach this
+    /// peer. Answered by `Subscribed` with the online ones. Only sent to a
+    /// tracker that announced [`FromTracker::SubscribeMode`], whose
+    /// `max_subscriptions` bounds the names followed in all.
+    Subscribe { names: Vec<Name> },
+    /// Stop following these names. No answer.
+    Unsubscribe { names: Vec<Name> },
+    /// One page of everyone online, in name order (without regard to case),
+    /// starting after `after` (from the start when `None`), at most `limit`
+    /// entries (capped at [`LIST_PAGE`]). Answered by `ListPageReply`.
+    ListPage {
+        req: u32,
+        after: Option<Name>,
+        limit: u32,
+    },
 }
 
 /// Frames the tracker sends to a peer.
@@ -127,6 +155,20 @@ pub enum FromTracker {
     /// Dial `peer` (from this peer's one endpoint) after `delay_ms`, so that
     /// both sides' first packets leave at about the same moment.
     Punch { peer: PeerInfo, delay_ms: u32 },
+    /// Step 6 in subscribe mode, instead of `ClientList`: this tracker sends
+    /// no full list and pushes only changes of followed names. The peer
+    /// answers with `Subscribe` (its first, possibly empty, list of names),
+    /// following at most `max_subscriptions` names in all.
+    SubscribeMode { max_subscriptions: u32 },
+    /// Reply to `Subscribe`: the followed names that are online now, in
+    /// pages of at most [`LIST_PAGE`] entries; `last` marks the final page.
+    Subscribed { peers: Vec<PeerInfo>, last: bool },
+    /// Reply to `ListPage`: `more` is true when names follow the last entry.
+    ListPageReply {
+        req: u32,
+        peers: Vec<PeerInfo>,
+        more: bool,
+    },
 }
 
 /// Why the tracker would not relay.

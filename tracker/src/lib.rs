@@ -35,7 +35,7 @@ use tracing::{info, warn};
 
 use crate::{
     mailbox::Mailbox,
-    registry::Registry,
+    registry::{PresenceMode, Registry},
     session::Shared,
     store::{NAME_RETENTION, SqliteNames},
 };
@@ -63,6 +63,8 @@ pub struct Config {
     pub name_retention: Duration,
     /// How long sealed messages wait for an offline recipient.
     pub held_ttl: Duration,
+    /// Who hears about a change: everyone, or the followers of its name.
+    pub presence: PresenceMode,
 }
 
 impl Config {
@@ -73,6 +75,7 @@ impl Config {
             max_peers: DEFAULT_MAX_PEERS,
             name_retention: NAME_RETENTION,
             held_ttl: mailbox::HELD_TTL,
+            presence: PresenceMode::default(),
         }
     }
 }
@@ -155,7 +158,7 @@ impl Tracker {
             endpoint,
             id: identity.id(),
             shared: Arc::new(Shared {
-                registry: Registry::new(config.max_peers),
+                registry: Registry::new(config.max_peers, config.presence),
                 names: Box::new(names),
                 mailbox,
                 relay: relay::Relay::default(),
@@ -179,6 +182,7 @@ impl Tracker {
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         let open = Arc::new(AtomicUsize::new(0));
+        info!(presence = ?self.shared.registry.mode(), "accepting peers");
         tasks.spawn(expire_held(self.shared.clone(), shutdown.clone()));
         loop {
             let incoming = tokio::select! {

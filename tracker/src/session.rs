@@ -1,6 +1,8 @@
 //! One task per connection: enrollment (hello → welcome → thanks), then
-//! forwarding presence to the peer and answering its lookups until it logs
-//! out, is replaced, falls behind, or goes silent.
+//! forwarding presence to the peer and answering its lookups (and, in
+//! subscribe mode, its subscriptions) until it logs out, is replaced, falls
+//! behind, or goes silent. Who hears which change is the registry's decision;
+//! a session forwards whatever its [`Feed`] gives it.
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,13 +17,7 @@ use tincan_proto::{
         RejectReason, SealKeyEntry, ToTracker,
     },
 };
-use tokio::{
-    sync::broadcast::{
-        self,
-        error::{RecvError, TryRecvError},
-    },
-    time::timeout,
-};
+use tokio::time::timeout;
 use tokio_util::{
     codec::{FramedRead, FramedWrite},
     sync::CancellationToken,
@@ -30,7 +26,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::{
     mailbox::Mailbox,
-    registry::{JoinError, PresenceEvent, Registry, SessionId},
+    registry::{Feed, FeedEnd, FirstView, JoinError, Registry, SessionId},
     relay::{Relay, punch_delays, serve_circuit},
     store::{NameStore, now_secs},
 };
@@ -80,15 +76,43 @@ enum End {
     Replaced,
     #[error("fell behind on presence updates")]
     Lagging,
+    #[error("{0}")]
+    Subscribe(#[from] crate::registry::SubscribeError),
     #[error("tracker shutting down")]
     Shutdown,
+}
+
+/// Why forwarding presence stopped.
+#[derive(Debug)]
+enum Forward {
+    /// The feed ended (see [`FeedEnd`]).
+    Feed(FeedEnd),
+    /// Writing to the peer failed or blocked.
+    Write(End),
+}
+
+impl From<FeedEnd> for Forward {
+    fn from(end: FeedEnd) -> Self {
+        Forward::Feed(end)
+    }
+}
+
+impl From<Forward> for End {
+    /// A feed ends while its session lives only when the session fell too
+    /// far behind (the replaced case is handled before this).
+    fn from(f: Forward) -> Self {
+        match f {
+            Forward::Feed(_) => End::Lagging,
+            Forward::Write(end) => end,
+        }
+    }
 }
 
 impl End {
     fn close_code(&self) -> u32 {
         match self {
             End::Frame(_) => close::BAD_FRAME,
-            End::Protocol(_) => close::PROTOCOL,
+            End::Protocol(_) | End::Subscribe(_) => close::PROTOCOL,
             End::Rejected(_) => close::REJECTED,
             End::Replaced => close::REPLACED,
             End::Lagging => close::LAGGING,
@@ -245,23 +269,33 @@ impl Session {
         self.name = Some((name.clone(), joined.session));
         info!(name = %name, %observed, online = self.shared.registry.online(), "enrolled");
 
-        // 6. the full list, to the newcomer only, in pages
-        let mut pages = joined.snapshot.chunks(LIST_PAGE).peekable();
-        if pages.peek().is_none() {
-            self.write(
-                &mut writer,
-                FromTracker::ClientList {
-                    peers: vec![],
-                    last: true,
-                },
-            )
-            .await?;
-        }
-        while let Some(page) = pages.next() {
-            let peers = page.iter().map(|p| PeerInfo::clone(p)).collect();
-            let last = pages.peek().is_none();
-            self.write(&mut writer, FromTracker::ClientList { peers, last })
+        // 6. the newcomer's first view of who is online
+        let session = joined.session;
+        match joined.first_view {
+            FirstView::FullList(list) => {
+                let peers = list.iter().map(|p| PeerInfo::clone(p)).collect();
+                self.write_pages(&mut writer, peers, |peers, last| FromTracker::ClientList {
+                    peers,
+                    last,
+                })
                 .await?;
+            }
+            FirstView::Subscribe { max_subscriptions } => {
+                let max_subscriptions = u32::try_from(max_subscriptions).unwrap_or(u32::MAX);
+                self.write(
+                    &mut writer,
+                    FromTracker::SubscribeMode { max_subscriptions },
+                )
+                .await?;
+                let names = match step("Subscribe", reader.next()).await? {
+                    Some(Ok(ToTracker::Subscribe { names })) => names,
+                    Some(Ok(_)) => return Err(End::Protocol("expected Subscribe")),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(End::Eof),
+                };
+                self.subscribe(&mut writer, (&name, session), &names)
+                    .await?;
+            }
         }
 
         // Then whatever waited for this peer while it was away.
@@ -291,7 +325,7 @@ impl Session {
             *reader.read_buffer_mut() = BytesMut::new();
         }
 
-        let mut presence = joined.presence;
+        let mut feed = joined.feed;
         // The first change of the current coalescing window, and when it ends.
         let mut pending = None;
         let mut flush_at: Option<tokio::time::Instant> = None;
@@ -305,6 +339,17 @@ impl Session {
                     Some(Ok(ToTracker::Lookup { req, name })) => {
                         let peer = self.shared.registry.lookup(&name);
                         self.write(&mut writer, FromTracker::LookupReply { req, peer }).await?;
+                    }
+                    Some(Ok(ToTracker::Subscribe { names })) => {
+                        self.subscribe(&mut writer, (&name, session), &names).await?;
+                    }
+                    Some(Ok(ToTracker::Unsubscribe { names })) => {
+                        self.shared.registry.unsubscribe(&name, session, &names);
+                    }
+                    Some(Ok(ToTracker::ListPage { req, after, limit })) => {
+                        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+                        let (peers, more) = self.shared.registry.page(after.as_ref(), limit);
+                        self.write(&mut writer, FromTracker::ListPageReply { req, peers, more }).await?;
                     }
                     Some(Ok(ToTracker::Logout)) => return self.goodbye(&mut writer).await,
                     Some(Ok(ToTracker::Connect { to })) => {
@@ -329,15 +374,20 @@ impl Session {
                 // Presence is coalesced: the first change opens a window of
                 // PRESENCE_COALESCE during which this task does not wake for
                 // presence at all; then everything queued goes out in one flush.
-                event = presence.recv(), if flush_at.is_none() => {
+                event = feed.recv(), if flush_at.is_none() => {
                     flush_at = Some(tokio::time::Instant::now() + PRESENCE_COALESCE);
                     pending = Some(event);
                 }
                 () = sleep_until_or_never(flush_at), if flush_at.is_some() => {
                     flush_at = None;
                     if let Some(first) = pending.take() {
-                        self.forward_presence(&mut writer, &mut presence, joined.session, first)
-                            .await?;
+                        let forwarded = self.forward_presence(&mut writer, &mut feed, first).await;
+                        if let Err(Forward::Feed(FeedEnd::Closed)) = forwarded
+                            && replaced.is_cancelled()
+                        {
+                            return self.replaced(&mut writer).await;
+                        }
+                        forwarded.map_err(End::from)?;
                     }
                 }
                 Some(frame) = inbox.recv() => self.write(&mut writer, frame).await?,
@@ -346,13 +396,7 @@ impl Session {
                     circuits.spawn(serve_circuit(self.shared.clone(), (name.clone(), self.id), send, recv));
                 }
                 Some(_) = circuits.join_next(), if !circuits.is_empty() => {}
-                () = replaced.cancelled() => {
-                    // Best effort: the peer may already be gone. The close
-                    // code says it too, should this frame not arrive.
-                    self.name = None;
-                    let _ = self.finish(&mut writer, FromTracker::Replaced).await;
-                    return Err(End::Replaced);
-                }
+                () = replaced.cancelled() => return self.replaced(&mut writer).await,
                 () = shutdown.cancelled() => return Err(End::Shutdown),
                 e = self.conn.closed() => return Err(e.into()),
             }
@@ -526,44 +570,76 @@ impl Session {
     async fn forward_presence(
         &self,
         writer: &mut Writer,
-        presence: &mut broadcast::Receiver<PresenceEvent>,
-        me: SessionId,
-        first: Result<PresenceEvent, RecvError>,
-    ) -> Result<(), End> {
+        feed: &mut Feed,
+        first: Result<Encoded<FromTracker>, FeedEnd>,
+    ) -> Result<(), Forward> {
         let mut next = Some(first);
         let mut fed = 0;
-        while let Some(event) = next.take() {
-            match event {
-                Ok(event) if event.origin == me => {}
-                Ok(event) => {
-                    match timeout(WRITE_TIMEOUT, writer.feed(event.frame)).await {
-                        Ok(result) => result?,
-                        Err(_) => return Err(End::Lagging),
-                    }
-                    fed += 1;
+        while let Some(frame) = next.take() {
+            let frame = frame.inspect_err(|end| {
+                if *end == FeedEnd::Lagged {
+                    warn!("peer fell behind on presence");
                 }
-                Err(RecvError::Lagged(n)) => {
-                    warn!(missed = n, "peer fell behind on presence");
-                    return Err(End::Lagging);
-                }
-                Err(RecvError::Closed) => return Err(End::Shutdown),
+            })?;
+            match timeout(WRITE_TIMEOUT, writer.feed(frame)).await {
+                Ok(result) => result.map_err(|e| Forward::Write(e.into()))?,
+                Err(_) => return Err(Forward::Write(End::Lagging)),
             }
-            // Bounded by PRESENCE_BACKLOG: past it the receiver reports Lagged.
-            next = match presence.try_recv() {
-                Ok(event) => Some(Ok(event)),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
-                Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
-            };
+            fed += 1;
+            // Bounded by PRESENCE_BACKLOG: past it the feed reports the end.
+            next = feed.try_recv();
         }
         if fed > 0 {
             let flush = SinkExt::<Encoded<FromTracker>>::flush(writer);
             match timeout(WRITE_TIMEOUT, flush).await {
-                Ok(result) => result?,
-                Err(_) => return Err(End::Lagging),
+                Ok(result) => result.map_err(|e| Forward::Write(e.into()))?,
+                Err(_) => return Err(Forward::Write(End::Lagging)),
             }
         }
         Ok(())
+    }
+
+    /// Registers what `me` (its name and session) now follows, and answers
+    /// with the online entries among `names`, in pages.
+    async fn subscribe(
+        &self,
+        writer: &mut Writer,
+        me: (&Name, SessionId),
+        names: &[Name],
+    ) -> Result<(), End> {
+        let online = self.shared.registry.subscribe(me.0, me.1, names)?;
+        self.write_pages(writer, online, |peers, last| FromTracker::Subscribed {
+            peers,
+            last,
+        })
+        .await
+    }
+
+    /// Writes `peers` in pages of at most [`LIST_PAGE`] entries (one empty
+    /// page when there are none), the last one marked.
+    async fn write_pages(
+        &self,
+        writer: &mut Writer,
+        mut peers: Vec<PeerInfo>,
+        page: impl Fn(Vec<PeerInfo>, bool) -> FromTracker,
+    ) -> Result<(), End> {
+        loop {
+            let rest = peers.split_off(peers.len().min(LIST_PAGE));
+            let last = rest.is_empty();
+            self.write(writer, page(peers, last)).await?;
+            if last {
+                return Ok(());
+            }
+            peers = rest;
+        }
+    }
+
+    /// A newer session of the same key took over: say so (best effort: the
+    /// peer may already be gone; the close code says it too) and end.
+    async fn replaced(&mut self, writer: &mut Writer) -> Result<(), End> {
+        self.name = None;
+        let _ = self.finish(writer, FromTracker::Replaced).await;
+        Err(End::Replaced)
     }
 
     /// Sends the last frame, then gives the peer [`LINGER`] to read it and
