@@ -655,3 +655,50 @@ mod tests {
         assert_eq!(s.accept_key(&name("bob")).unwrap(), None);
     }
 }
+
+// ---- names to follow (subscribe mode) -------------------------------------
+
+impl Store {
+    /// The names with a pinned key, in name order, at most `limit`: the
+    /// peers this user has dealt with, whom it follows on a tracker in
+    /// subscribe mode.
+    pub fn known_names(&self, limit: usize) -> Result<Vec<Name>, StoreError> {
+        let db = self.lock();
+        let mut stmt = db
+            .prepare("SELECT name FROM known_keys ORDER BY name_key LIMIT ?1")
+            .map_err(|e| self.err(e))?;
+        let names = stmt
+            .query_map(
+                params![sql_int(u64::try_from(limit).unwrap_or(u64::MAX))],
+                |r| r.get::<_, String>(0),
+            )
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        // A row this peer wrote holds a valid name; skip anything else.
+        Ok(names.iter().filter_map(|n| Name::parse(n).ok()).collect())
+    }
+}
+
+#[cfg(test)]
+mod known_names_tests {
+    use super::*;
+
+    #[test]
+    fn known_names_are_the_pinned_ones_in_name_order_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("peer.db")).unwrap();
+        for (n, k) in [("carol", 3), ("Alice", 1), ("bob", 2)] {
+            s.check_key(&Name::parse(n).unwrap(), PeerId([k; 32]))
+                .unwrap();
+        }
+        let names: Vec<String> = s
+            .known_names(2)
+            .unwrap()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(names, ["Alice", "bob"]);
+        assert_eq!(s.known_names(10).unwrap().len(), 3);
+    }
+}
