@@ -101,7 +101,7 @@ struct Entry<C> {
     session: SessionId,
     /// Cancelled when a newer session of the same key replaces this one.
     replaced: CancellationToken,
-    inbox: mpsc::Sender<FromTracker>,
+    inbox: mpsc::Sender<Encoded<FromTracker>>,
     /// For circuits the tracker opens to this peer, and its RTT.
     conn: C,
     /// Subscribe mode: this session's presence queue; `None` once it fell
@@ -129,8 +129,9 @@ pub struct Joined {
     pub feed: Feed,
     /// Fires if the same key enrolls again elsewhere.
     pub replaced: CancellationToken,
-    /// Frames addressed to this session alone.
-    pub inbox: mpsc::Receiver<FromTracker>,
+    /// Frames addressed to this session alone, encoded (a few bytes in the
+    /// queue's slots, whatever the frame).
+    pub inbox: mpsc::Receiver<Encoded<FromTracker>>,
 }
 
 /// The presence changes one session forwards to its peer. Which changes
@@ -419,6 +420,10 @@ impl<C: Clone> Registry<C> {
     /// Hands `frame` to the online session of `id`, if any, without
     /// waiting; false if it is offline or its inbox is full.
     pub fn push(&self, id: &PeerId, frame: FromTracker) -> bool {
+        // A held message is at most MAX_SEALED_LEN: it always fits a frame.
+        let Ok(frame) = Encoded::new(&frame) else {
+            return false;
+        };
         let inner = self.lock();
         let Some(entry) = inner.by_id.get(id).and_then(|k| inner.by_name.get(k)) else {
             return false;

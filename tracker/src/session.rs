@@ -4,7 +4,7 @@
 //! behind, or goes silent. Who hears which change is the registry's decision;
 //! a session forwards whatever its [`Feed`] gives it.
 
-use std::{sync::Arc, time::Duration};
+use std::{ops::ControlFlow, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
@@ -17,7 +17,11 @@ use tincan_proto::{
         RejectReason, SealKeyEntry, ToTracker,
     },
 };
-use tokio::time::timeout;
+use tokio::{
+    sync::mpsc,
+    task::JoinSet,
+    time::{Sleep, timeout},
+};
 use tokio_util::{
     codec::{FramedRead, FramedWrite},
     sync::CancellationToken,
@@ -47,6 +51,29 @@ pub const LINGER: Duration = Duration::from_secs(2);
 
 type Reader = FramedRead<RecvStream, Codec<ToTracker, ()>>;
 type Writer = FramedWrite<SendStream, Codec<(), FromTracker>>;
+
+/// What an enrolled session keeps for as long as its peer is online.
+struct Online {
+    reader: Reader,
+    writer: Writer,
+    name: Name,
+    session: SessionId,
+    feed: Feed,
+    replaced: CancellationToken,
+    inbox: mpsc::Receiver<Encoded<FromTracker>>,
+}
+
+/// Why [`Session::serve_online`] woke up with work to do.
+enum Wake {
+    /// A frame from the peer (or the end of its stream).
+    Frame(Option<Result<ToTracker, FrameError>>),
+    /// A presence window closed: forward this change and those behind it.
+    Presence(Result<Encoded<FromTracker>, FeedEnd>),
+    /// A frame other sessions addressed to this peer alone.
+    Direct(Encoded<FromTracker>),
+    /// A newer session of the same key took over.
+    Replaced,
+}
 
 /// What every session shares.
 pub struct Shared {
@@ -123,9 +150,14 @@ impl End {
 }
 
 /// Serves one accepted connection until it ends; never panics on peer input.
+///
+/// This future lives as long as the connection, once per online peer, so
+/// the parts of a session that are only needed for a while (the handshake,
+/// enrollment, the work of each wake-up) run in futures of their own on the
+/// heap and are freed when done (memory per peer: docs/benchmarks.md).
 pub async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, shutdown: CancellationToken) {
     let remote = incoming.remote_address();
-    let conn = match timeout(ENROLL_STEP_TIMEOUT, incoming).await {
+    let conn = match Box::pin(timeout(ENROLL_STEP_TIMEOUT, incoming)).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return debug!(%remote, error = %e, "handshake failed"),
         Err(_) => return debug!(%remote, "handshake timed out"),
@@ -192,6 +224,15 @@ impl Session {
     }
 
     async fn run(&mut self, shutdown: CancellationToken) -> Result<(), End> {
+        // Enrollment runs in a future of its own, freed once it is done:
+        // what stays for the life of the session is only the (much smaller)
+        // loop that serves an online peer.
+        let online = Box::pin(self.enroll()).await?;
+        Box::pin(self.serve_online(online, shutdown)).await
+    }
+
+    /// Steps 1 to 6 of enrollment, then what waited for this peer.
+    async fn enroll(&mut self) -> Result<Online, End> {
         let (send, recv) = step("the control stream", self.conn.accept_bi()).await??;
         let mut reader: Reader = FramedRead::new(recv, Codec::default());
         let mut writer: Writer = FramedWrite::new(send, Codec::default());
@@ -254,23 +295,23 @@ impl Session {
             return self.reject(&mut writer, reason).await;
         }
 
-        // 5. onto the list (and everyone else hears of it)
+        // 5. onto the list (and whoever hears of it is told)
         let info = PeerInfo {
             name: name.clone(),
             id: self.id,
             observed,
             local_addrs,
         };
-        let joined = match self.shared.registry.join(info.clone(), self.conn.clone()) {
+        let joined = match self.shared.registry.join(info, self.conn.clone()) {
             Ok(joined) => joined,
             Err(JoinError::Rejected(reason)) => return self.reject(&mut writer, reason).await,
             Err(JoinError::Encode(e)) => return Err(e.into()),
         };
-        self.name = Some((name.clone(), joined.session));
+        let session = joined.session;
+        self.name = Some((name.clone(), session));
         info!(name = %name, %observed, online = self.shared.registry.online(), "enrolled");
 
         // 6. the newcomer's first view of who is online
-        let session = joined.session;
         match joined.first_view {
             FirstView::FullList(list) => {
                 let peers = list.iter().map(|p| PeerInfo::clone(p)).collect();
@@ -324,83 +365,130 @@ impl Session {
         if reader.read_buffer().is_empty() {
             *reader.read_buffer_mut() = BytesMut::new();
         }
+        Ok(Online {
+            reader,
+            writer,
+            name,
+            session,
+            feed: joined.feed,
+            replaced: joined.replaced,
+            inbox: joined.inbox,
+        })
+    }
 
-        let mut feed = joined.feed;
-        // The first change of the current coalescing window, and when it ends.
-        let mut pending = None;
-        let mut flush_at: Option<tokio::time::Instant> = None;
-        let replaced = joined.replaced;
-        let mut inbox = joined.inbox;
+    /// Serves an enrolled peer until the session ends. This future lives as
+    /// long as the peer is online, so it stays small: it only waits, and the
+    /// work each wake-up brings runs in a short-lived future of its own.
+    async fn serve_online(
+        &mut self,
+        mut online: Online,
+        shutdown: CancellationToken,
+    ) -> Result<(), End> {
+        // Presence is coalesced: the first change opens a window of
+        // PRESENCE_COALESCE during which this task does not wake for
+        // presence at all; then everything queued goes out in one flush.
+        let mut first = None;
+        let mut window: Option<Pin<Box<Sleep>>> = None;
         // Relay circuits this peer asked for; they end with the session.
-        let mut circuits = tokio::task::JoinSet::new();
+        let mut circuits = JoinSet::new();
         loop {
-            tokio::select! {
-                frame = reader.next() => match frame {
-                    Some(Ok(ToTracker::Lookup { req, name })) => {
-                        let peer = self.shared.registry.lookup(&name);
-                        self.write(&mut writer, FromTracker::LookupReply { req, peer }).await?;
-                    }
-                    Some(Ok(ToTracker::Subscribe { names })) => {
-                        self.subscribe(&mut writer, (&name, session), &names).await?;
-                    }
-                    Some(Ok(ToTracker::Unsubscribe { names })) => {
-                        self.shared.registry.unsubscribe(&name, session, &names);
-                    }
-                    Some(Ok(ToTracker::ListPage { req, after, limit })) => {
-                        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-                        let (peers, more) = self.shared.registry.page(after.as_ref(), limit);
-                        self.write(&mut writer, FromTracker::ListPageReply { req, peers, more }).await?;
-                    }
-                    Some(Ok(ToTracker::Logout)) => return self.goodbye(&mut writer).await,
-                    Some(Ok(ToTracker::Connect { to })) => {
-                        if let Some(reply) = self.punch(&info, &to) {
-                            self.write(&mut writer, reply).await?;
-                        }
-                    }
-                    Some(Ok(frame @ (ToTracker::PublishSealKey(_)
-                    | ToTracker::SealKeyOf { .. }
-                    | ToTracker::Hold { .. }
-                    | ToTracker::HeldReceived { .. }
-                    | ToTracker::HeldRejected { .. }
-                    | ToTracker::NoticeSeen { .. }))) => {
-                        if let Some(reply) = self.mail(&name, frame)? {
-                            self.write(&mut writer, reply).await?;
-                        }
-                    }
-                    Some(Ok(_)) => return Err(End::Protocol("enrollment frame after enrollment")),
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(End::Eof),
-                },
-                // Presence is coalesced: the first change opens a window of
-                // PRESENCE_COALESCE during which this task does not wake for
-                // presence at all; then everything queued goes out in one flush.
-                event = feed.recv(), if flush_at.is_none() => {
-                    flush_at = Some(tokio::time::Instant::now() + PRESENCE_COALESCE);
-                    pending = Some(event);
+            let wake = tokio::select! {
+                frame = online.reader.next() => Wake::Frame(frame),
+                change = online.feed.recv(), if window.is_none() => {
+                    window = Some(Box::pin(tokio::time::sleep(PRESENCE_COALESCE)));
+                    first = Some(change);
+                    continue;
                 }
-                () = sleep_until_or_never(flush_at), if flush_at.is_some() => {
-                    flush_at = None;
-                    if let Some(first) = pending.take() {
-                        let forwarded = self.forward_presence(&mut writer, &mut feed, first).await;
-                        if let Err(Forward::Feed(FeedEnd::Closed)) = forwarded
-                            && replaced.is_cancelled()
-                        {
-                            return self.replaced(&mut writer).await;
-                        }
-                        forwarded.map_err(End::from)?;
+                () = elapsed(&mut window) => {
+                    window = None;
+                    match first.take() {
+                        Some(change) => Wake::Presence(change),
+                        None => continue,
                     }
                 }
-                Some(frame) = inbox.recv() => self.write(&mut writer, frame).await?,
+                Some(frame) = online.inbox.recv() => Wake::Direct(frame),
                 stream = self.conn.accept_bi() => {
                     let (send, recv) = stream?;
-                    circuits.spawn(serve_circuit(self.shared.clone(), (name.clone(), self.id), send, recv));
+                    let me = (online.name.clone(), self.id);
+                    circuits.spawn(serve_circuit(self.shared.clone(), me, send, recv));
+                    continue;
                 }
-                Some(_) = circuits.join_next(), if !circuits.is_empty() => {}
-                () = replaced.cancelled() => return self.replaced(&mut writer).await,
+                Some(_) = circuits.join_next(), if !circuits.is_empty() => continue,
+                () = online.replaced.cancelled() => Wake::Replaced,
                 () = shutdown.cancelled() => return Err(End::Shutdown),
                 e = self.conn.closed() => return Err(e.into()),
+            };
+            if let ControlFlow::Break(()) = Box::pin(self.handle(&mut online, wake)).await? {
+                return Ok(());
             }
         }
+    }
+
+    /// Does what one wake-up of [`Session::serve_online`] brought; `Break`
+    /// when the peer logged out.
+    async fn handle(&mut self, online: &mut Online, wake: Wake) -> Result<ControlFlow<()>, End> {
+        let writer = &mut online.writer;
+        match wake {
+            Wake::Frame(Some(Ok(frame))) => return self.request(online, frame).await,
+            Wake::Frame(Some(Err(e))) => return Err(e.into()),
+            Wake::Frame(None) => return Err(End::Eof),
+            Wake::Presence(first) => {
+                let forwarded = self.forward_presence(writer, &mut online.feed, first).await;
+                if let Err(Forward::Feed(FeedEnd::Closed)) = forwarded
+                    && online.replaced.is_cancelled()
+                {
+                    return self.replaced(writer).await;
+                }
+                forwarded.map_err(End::from)?;
+            }
+            Wake::Direct(frame) => self.write(writer, frame).await?,
+            Wake::Replaced => return self.replaced(writer).await,
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Answers one request of an enrolled peer; `Break` after `Logout`.
+    async fn request(
+        &mut self,
+        online: &mut Online,
+        frame: ToTracker,
+    ) -> Result<ControlFlow<()>, End> {
+        let (name, session, writer) = (&online.name, online.session, &mut online.writer);
+        let reply = match frame {
+            ToTracker::Lookup { req, name } => {
+                let peer = self.shared.registry.lookup(&name);
+                Some(FromTracker::LookupReply { req, peer })
+            }
+            ToTracker::Subscribe { names } => {
+                self.subscribe(writer, (name, session), &names).await?;
+                None
+            }
+            ToTracker::Unsubscribe { names } => {
+                self.shared.registry.unsubscribe(name, session, &names);
+                None
+            }
+            ToTracker::ListPage { req, after, limit } => {
+                let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+                let (peers, more) = self.shared.registry.page(after.as_ref(), limit);
+                Some(FromTracker::ListPageReply { req, peers, more })
+            }
+            ToTracker::Logout => {
+                self.goodbye(writer).await?;
+                return Ok(ControlFlow::Break(()));
+            }
+            ToTracker::Connect { to } => self.punch(name, &to),
+            frame @ (ToTracker::PublishSealKey(_)
+            | ToTracker::SealKeyOf { .. }
+            | ToTracker::Hold { .. }
+            | ToTracker::HeldReceived { .. }
+            | ToTracker::HeldRejected { .. }
+            | ToTracker::NoticeSeen { .. }) => self.mail(name, frame)?,
+            _ => return Err(End::Protocol("enrollment frame after enrollment")),
+        };
+        if let Some(reply) = reply {
+            self.write(writer, reply).await?;
+        }
+        Ok(ControlFlow::Continue(()))
     }
 
     /// The mailbox requests of an enrolled peer: sealing keys, held
@@ -519,15 +607,20 @@ impl Session {
     /// Coordinates a hole punch between this peer and `to`: tells `to` to
     /// dial us and returns the frame that tells us to dial it, each delayed
     /// so both first packets leave together.
-    fn punch(&self, me: &PeerInfo, to: &Name) -> Option<FromTracker> {
+    fn punch(&self, me: &Name, to: &Name) -> Option<FromTracker> {
         let (target, target_conn) = self.shared.registry.online_peer(to)?;
         if target.id == self.id {
             return None;
         }
+        let me = self
+            .shared
+            .registry
+            .lookup(me)
+            .filter(|me| me.id == self.id)?;
         let (mine, theirs) = punch_delays(self.conn.rtt(), target_conn.rtt());
         debug!(%to, mine, theirs, "coordinating a hole punch");
         let tell_them = FromTracker::Punch {
-            peer: me.clone(),
+            peer: me,
             delay_ms: theirs,
         };
         if !self.shared.registry.push(&target.id, tell_them) {
@@ -557,7 +650,11 @@ impl Session {
         }
     }
 
-    async fn write(&self, writer: &mut Writer, frame: FromTracker) -> Result<(), End> {
+    /// Writes one frame (or an already encoded one), bounded by [`WRITE_TIMEOUT`].
+    async fn write<T>(&self, writer: &mut Writer, frame: T) -> Result<(), End>
+    where
+        Writer: futures_util::Sink<T, Error = FrameError>,
+    {
         match timeout(WRITE_TIMEOUT, writer.send(frame)).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(End::Lagging),
@@ -636,7 +733,7 @@ impl Session {
 
     /// A newer session of the same key took over: say so (best effort: the
     /// peer may already be gone; the close code says it too) and end.
-    async fn replaced(&mut self, writer: &mut Writer) -> Result<(), End> {
+    async fn replaced<T>(&mut self, writer: &mut Writer) -> Result<T, End> {
         self.name = None;
         let _ = self.finish(writer, FromTracker::Replaced).await;
         Err(End::Replaced)
@@ -651,7 +748,8 @@ impl Session {
         Ok(())
     }
 
-    async fn reject(&self, writer: &mut Writer, reason: RejectReason) -> Result<(), End> {
+    /// Refuses the enrollment: sends `Reject` and ends the session.
+    async fn reject<T>(&self, writer: &mut Writer, reason: RejectReason) -> Result<T, End> {
         info!(%reason, "enrollment rejected");
         self.finish(writer, FromTracker::Reject { reason }).await?;
         Err(End::Rejected(reason))
@@ -667,10 +765,10 @@ impl Session {
     }
 }
 
-/// Sleeps until `at`, or forever when there is no deadline.
-async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+/// Waits for `timer` to fire, or forever when there is none.
+async fn elapsed(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
         None => std::future::pending().await,
     }
 }
