@@ -8,11 +8,13 @@
 //!   forwarding and lookups until logout or disconnect.
 //! - [`registry`]: who is online, and presence fan-out (the one place that
 //!   decides who hears about a change).
+//! - [`queue`]: the small per-session queues the registry fills.
 //! - [`store`]: name → key bindings in SQLite, behind the [`store::NameStore`] trait.
 //! - [`mailbox`]: sealed messages held for offline peers, notices, sealing keys.
 //! - [`relay`]: relay circuits (spliced streams, quotas) and hole-punch timing.
 
 pub mod mailbox;
+pub mod queue;
 pub mod registry;
 pub mod relay;
 pub mod session;

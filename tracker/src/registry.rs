@@ -30,11 +30,10 @@ use tincan_proto::{
     codec::{Encoded, FrameError},
     tracker::{FromTracker, LIST_PAGE, PeerInfo, PresenceChange, RejectReason},
 };
-use tokio::sync::{
-    broadcast::{self, error::RecvError, error::TryRecvError},
-    mpsc,
-};
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio_util::sync::CancellationToken;
+
+use crate::queue::{FrameQueue, NotQueued};
 
 /// How many presence changes a session may fall behind before it is dropped.
 pub const PRESENCE_BACKLOG: usize = 4096;
@@ -101,12 +100,12 @@ struct Entry<C> {
     session: SessionId,
     /// Cancelled when a newer session of the same key replaces this one.
     replaced: CancellationToken,
-    inbox: mpsc::Sender<Encoded<FromTracker>>,
+    inbox: Arc<FrameQueue>,
     /// For circuits the tracker opens to this peer, and its RTT.
     conn: C,
-    /// Subscribe mode: this session's presence queue; `None` once it fell
-    /// behind (dropping the sender ends its [`Feed`]).
-    feed: Option<mpsc::Sender<Encoded<FromTracker>>>,
+    /// Subscribe mode: this session's presence queue (closed, which ends
+    /// its [`Feed`], when the session falls behind or is replaced).
+    feed: Option<Arc<FrameQueue>>,
     /// Subscribe mode: the name keys this session follows.
     following: HashSet<String>,
 }
@@ -129,9 +128,9 @@ pub struct Joined {
     pub feed: Feed,
     /// Fires if the same key enrolls again elsewhere.
     pub replaced: CancellationToken,
-    /// Frames addressed to this session alone, encoded (a few bytes in the
-    /// queue's slots, whatever the frame).
-    pub inbox: mpsc::Receiver<Encoded<FromTracker>>,
+    /// Frames addressed to this session alone, encoded (at most
+    /// [`INBOX_QUEUE`]).
+    pub inbox: Arc<FrameQueue>,
 }
 
 /// The presence changes one session forwards to its peer. Which changes
@@ -143,7 +142,7 @@ pub enum Feed {
         me: SessionId,
     },
     /// Subscribe mode: the changes of the names this session follows.
-    Followed(mpsc::Receiver<Encoded<FromTracker>>),
+    Followed(Arc<FrameQueue>),
 }
 
 /// Why a [`Feed`] gives no more changes.
@@ -168,7 +167,7 @@ impl Feed {
                     Err(RecvError::Closed) => return Err(FeedEnd::Closed),
                 }
             },
-            Feed::Followed(rx) => rx.recv().await.ok_or(FeedEnd::Closed),
+            Feed::Followed(queue) => queue.recv().await.map_err(|_| FeedEnd::Closed),
         }
     }
 
@@ -184,11 +183,7 @@ impl Feed {
                     Err(TryRecvError::Closed) => return Some(Err(FeedEnd::Closed)),
                 }
             },
-            Feed::Followed(rx) => match rx.try_recv() {
-                Ok(frame) => Some(Ok(frame)),
-                Err(mpsc::error::TryRecvError::Empty) => None,
-                Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(FeedEnd::Closed)),
-            },
+            Feed::Followed(queue) => queue.try_recv().map_err(|_| FeedEnd::Closed).transpose(),
         }
     }
 }
@@ -265,6 +260,9 @@ impl<C: Clone> Registry<C> {
             && let Some(old) = inner.by_name.remove(&old_key)
         {
             old.replaced.cancel();
+            if let Some(feed) = &old.feed {
+                feed.close();
+            }
             inner.unfollow(&old_key, old.following.iter());
             if old_key != key {
                 self.publish(&mut inner, session, &old_key, left_frame(&old.info));
@@ -272,8 +270,8 @@ impl<C: Clone> Registry<C> {
         }
 
         let replaced = CancellationToken::new();
-        let (inbox_tx, inbox) = mpsc::channel(INBOX_QUEUE);
-        let (feed, feed_tx) = self.feed(session);
+        let inbox = Arc::new(FrameQueue::new(INBOX_QUEUE));
+        let (feed, feed_queue) = self.feed(session);
         inner.by_id.insert(info.id, key.clone());
         inner.by_name.insert(
             key.clone(),
@@ -281,9 +279,9 @@ impl<C: Clone> Registry<C> {
                 info: Arc::new(info),
                 session,
                 replaced: replaced.clone(),
-                inbox: inbox_tx,
+                inbox: inbox.clone(),
                 conn,
-                feed: feed_tx,
+                feed: feed_queue,
                 following: HashSet::new(),
             },
         );
@@ -305,8 +303,8 @@ impl<C: Clone> Registry<C> {
         })
     }
 
-    /// A new session's feed, and in subscribe mode the sender the registry keeps.
-    fn feed(&self, session: SessionId) -> (Feed, Option<mpsc::Sender<Encoded<FromTracker>>>) {
+    /// A new session's feed, and in subscribe mode the queue the registry fills.
+    fn feed(&self, session: SessionId) -> (Feed, Option<Arc<FrameQueue>>) {
         match &self.fanout {
             Fanout::All(tx) => (
                 Feed::All {
@@ -316,8 +314,8 @@ impl<C: Clone> Registry<C> {
                 None,
             ),
             Fanout::Followers => {
-                let (tx, rx) = mpsc::channel(PRESENCE_BACKLOG);
-                (Feed::Followed(rx), Some(tx))
+                let queue = Arc::new(FrameQueue::new(PRESENCE_BACKLOG));
+                (Feed::Followed(queue.clone()), Some(queue))
             }
         }
     }
@@ -428,7 +426,7 @@ impl<C: Clone> Registry<C> {
         let Some(entry) = inner.by_id.get(id).and_then(|k| inner.by_name.get(k)) else {
             return false;
         };
-        entry.inbox.try_send(frame).is_ok()
+        entry.inbox.push(frame).is_ok()
     }
 
     /// The connection of the peer online as `name` (for relay circuits).
@@ -500,7 +498,7 @@ impl<C> Inner<C> {
 
     /// Queues `frame` (a change of the name `about`) for each online follower
     /// of `about`, never for `about` itself. A follower whose queue is full
-    /// loses its feed, which ends its session as a laggard.
+    /// has its feed closed, which ends its session as a laggard.
     fn notify_followers(&mut self, about: &str, frame: &Encoded<FromTracker>) {
         let Some(followers) = self.followers.get(about) else {
             return;
@@ -510,8 +508,9 @@ impl<C> Inner<C> {
                 continue;
             };
             if let Some(feed) = &entry.feed
-                && feed.try_send(frame.clone()).is_err()
+                && feed.push(frame.clone()) == Err(NotQueued::Full)
             {
+                feed.close();
                 entry.feed = None;
             }
         }
@@ -768,15 +767,12 @@ mod tests {
             let flappy = reg.join(info("flappy", 9), ()).unwrap();
             assert!(reg.leave(&name("flappy"), flappy.session));
         }
-        let mut heard = 0;
-        let end = loop {
-            match slow.feed.try_recv() {
-                Some(Ok(_)) => heard += 1,
-                Some(Err(end)) => break end,
-                None => panic!("the feed should have ended"),
-            }
-        };
-        assert_eq!((heard, end), (PRESENCE_BACKLOG, FeedEnd::Closed));
+        // What it had not read yet is dropped with it.
+        assert_eq!(
+            slow.feed.try_recv().map(|r| r.err()),
+            Some(Some(FeedEnd::Closed))
+        );
+        assert!(reg.lock().by_name["slow"].feed.is_none());
     }
 
     #[test]

@@ -18,7 +18,6 @@ use tincan_proto::{
     },
 };
 use tokio::{
-    sync::mpsc,
     task::JoinSet,
     time::{Sleep, timeout},
 };
@@ -30,6 +29,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::{
     mailbox::Mailbox,
+    queue::FrameQueue,
     registry::{Feed, FeedEnd, FirstView, JoinError, Registry, SessionId},
     relay::{Relay, punch_delays, serve_circuit},
     store::{NameStore, now_secs},
@@ -60,7 +60,7 @@ struct Online {
     session: SessionId,
     feed: Feed,
     replaced: CancellationToken,
-    inbox: mpsc::Receiver<Encoded<FromTracker>>,
+    inbox: Arc<FrameQueue>,
 }
 
 /// Why [`Session::serve_online`] woke up with work to do.
@@ -406,7 +406,8 @@ impl Session {
                         None => continue,
                     }
                 }
-                Some(frame) = online.inbox.recv() => Wake::Direct(frame),
+                // Closed only when the session ends anyway.
+                Ok(frame) = online.inbox.recv() => Wake::Direct(frame),
                 stream = self.conn.accept_bi() => {
                     let (send, recv) = stream?;
                     let me = (online.name.clone(), self.id);
