@@ -199,7 +199,8 @@ pub async fn enroll(inner: &Inner, pin: Option<PeerId>) -> Result<Enrolled, Enro
     // 4. thanks
     writer.send(ToTracker::Thanks).await.map_err(proto_err)?;
     // 6. who is online: everyone, in pages; or, on a tracker in subscribe
-    //    mode, the online ones among the names we follow.
+    //    mode (it said so right after Welcome), the online ones among the
+    //    names we follow.
     let (presence, followed, peers) = match next_step(&conn, &mut reader, "the client list").await?
     {
         first @ FromTracker::ClientList { .. } => {

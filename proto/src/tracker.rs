@@ -17,13 +17,15 @@
 //!  |<-- Goodbye ----------------------|  the peer closes; Presence(Left) to everyone
 //! ```
 //!
-//! A tracker in subscribe mode answers `Thanks` with `SubscribeMode` instead
-//! of the full list; the peer then names the peers it follows, and hears
-//! about those only:
+//! A tracker in subscribe mode sends no full list: it follows `Welcome` with
+//! `SubscribeMode`, and after `Thanks` the peer names the peers it follows
+//! and hears about those only:
 //!
 //! ```text
-//!  |<-- SubscribeMode{max} -----------|  6. no full list in this mode
-//!  |-- Subscribe{names} ------------->|     the names this peer follows
+//!  |<-- Welcome{observed} ------------|  3. welcome
+//!  |<-- SubscribeMode{max} -----------|     (same packet) no full list here
+//!  |-- Thanks ----------------------->|  4. thanks
+//!  |-- Subscribe{names} ------------->|  6. the names this peer follows
 //!  |<-- Subscribed{peers, last} ------|     the online ones among them (paged)
 //!  |        ... Presence deltas of followed names, Subscribe/Unsubscribe,
 //!  |            ListPage/ListPageReply (everyone online, a page at a time) ...
@@ -155,10 +157,10 @@ pub enum FromTracker {
     /// Dial `peer` (from this peer's one endpoint) after `delay_ms`, so that
     /// both sides' first packets leave at about the same moment.
     Punch { peer: PeerInfo, delay_ms: u32 },
-    /// Step 6 in subscribe mode, instead of `ClientList`: this tracker sends
-    /// no full list and pushes only changes of followed names. The peer
-    /// answers with `Subscribe` (its first, possibly empty, list of names),
-    /// following at most `max_subscriptions` names in all.
+    /// Sent right after `Welcome` by a tracker in subscribe mode: it sends
+    /// no `ClientList` and pushes only changes of followed names. After
+    /// `Thanks` the peer sends `Subscribe` (its first, possibly empty, list
+    /// of names; step 6), following at most `max_subscriptions` names in all.
     SubscribeMode { max_subscriptions: u32 },
     /// Reply to `Subscribe`: the followed names that are online now, in
     /// pages of at most [`LIST_PAGE`] entries; `last` marks the final page.

@@ -110,14 +110,13 @@ struct Entry<C> {
     following: HashSet<String>,
 }
 
-/// What a newcomer is told first (enrollment step 6).
+/// What a newcomer is told first about who is online (enrollment step 6).
 pub enum FirstView {
     /// Broadcast mode: everyone online at the instant of joining, the
     /// newcomer included.
     FullList(Vec<Arc<PeerInfo>>),
-    /// Subscribe mode: nothing yet; the peer names whom it follows, at most
-    /// this many.
-    Subscribe { max_subscriptions: usize },
+    /// Subscribe mode: nothing yet; the peer names whom it follows.
+    Subscribe,
 }
 
 /// What a newly joined session needs.
@@ -220,6 +219,17 @@ impl<C: Clone> Registry<C> {
         }
     }
 
+    /// The frame that follows `Welcome`, if any: how this tracker will tell
+    /// the peer who is online when that is not the classic full list.
+    pub fn announcement(&self) -> Option<FromTracker> {
+        match self.fanout {
+            Fanout::All(_) => None,
+            Fanout::Followers => Some(FromTracker::SubscribeMode {
+                max_subscriptions: u32::try_from(MAX_SUBSCRIPTIONS).unwrap_or(u32::MAX),
+            }),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner<C>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -289,9 +299,7 @@ impl<C: Clone> Registry<C> {
             Fanout::All(_) => {
                 FirstView::FullList(inner.by_name.values().map(|e| e.info.clone()).collect())
             }
-            Fanout::Followers => FirstView::Subscribe {
-                max_subscriptions: MAX_SUBSCRIPTIONS,
-            },
+            Fanout::Followers => FirstView::Subscribe,
         };
         self.publish(&mut inner, session, &key, Some(joined_frame));
         Ok(Joined {
@@ -669,12 +677,14 @@ mod tests {
     fn subscribe_mode_gives_no_list_and_changes_reach_only_followers() {
         let reg = subscribe(10);
         let mut alice = reg.join(info("alice", 1), ()).unwrap();
-        assert!(matches!(
-            alice.first_view,
-            FirstView::Subscribe {
-                max_subscriptions: MAX_SUBSCRIPTIONS
-            }
-        ));
+        assert!(matches!(alice.first_view, FirstView::Subscribe));
+        assert_eq!(
+            reg.announcement(),
+            Some(FromTracker::SubscribeMode {
+                max_subscriptions: MAX_SUBSCRIPTIONS as u32
+            })
+        );
+        assert_eq!(broadcast(1).announcement(), None);
         let mut carol = reg.join(info("carol", 3), ()).unwrap();
         // alice follows bob (not online yet) and carol (online, in any case).
         let now = reg

@@ -272,16 +272,17 @@ impl Session {
             return self.reject(&mut writer, reason).await;
         }
 
-        // 3. welcome, with the address the peer's packets come from
+        // 3. welcome, with the address the peer's packets come from, and in
+        //    the same packet how this tracker tells who is online (subscribe
+        //    mode), so that the peer can answer Thanks and Subscribe at once.
         let observed = self.conn.remote_address();
-        self.write(
-            &mut writer,
-            FromTracker::Welcome {
-                observed,
-                max_peers: self.shared.max_peers,
-            },
-        )
-        .await?;
+        let welcome = FromTracker::Welcome {
+            observed,
+            max_peers: self.shared.max_peers,
+        };
+        let announcement = self.shared.registry.announcement();
+        self.write_all(&mut writer, std::iter::once(welcome).chain(announcement))
+            .await?;
 
         // 4. thanks
         match step("Thanks", reader.next()).await? {
@@ -321,13 +322,7 @@ impl Session {
                 })
                 .await?;
             }
-            FirstView::Subscribe { max_subscriptions } => {
-                let max_subscriptions = u32::try_from(max_subscriptions).unwrap_or(u32::MAX);
-                self.write(
-                    &mut writer,
-                    FromTracker::SubscribeMode { max_subscriptions },
-                )
-                .await?;
+            FirstView::Subscribe => {
                 let names = match step("Subscribe", reader.next()).await? {
                     Some(Ok(ToTracker::Subscribe { names })) => names,
                     Some(Ok(_)) => return Err(End::Protocol("expected Subscribe")),
@@ -648,6 +643,19 @@ impl Session {
                 warn!(error = %e, "name store failed");
                 Err(RejectReason::Unavailable)
             }
+        }
+    }
+
+    /// Writes `frames` with a single flush, bounded by [`WRITE_TIMEOUT`].
+    async fn write_all(
+        &self,
+        writer: &mut Writer,
+        frames: impl IntoIterator<Item = FromTracker>,
+    ) -> Result<(), End> {
+        let mut frames = futures_util::stream::iter(frames.into_iter().map(Ok));
+        match timeout(WRITE_TIMEOUT, writer.send_all(&mut frames)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(End::Lagging),
         }
     }
 
