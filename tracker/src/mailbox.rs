@@ -101,11 +101,11 @@ impl Mailbox {
 
     pub fn publish_seal_key(&self, id: PeerId, signed: &SignedSealKey) -> Result<(), StoreError> {
         self.lock()
-            .execute(
+            .prepare_cached(
                 "INSERT INTO seal_keys (peer_id, key, sig) VALUES (?1, ?2, ?3)
                  ON CONFLICT(peer_id) DO UPDATE SET key = ?2, sig = ?3",
-                params![&id.0[..], &signed.key[..], &signed.sig],
             )
+            .and_then(|mut stmt| stmt.execute(params![&id.0[..], &signed.key[..], &signed.sig]))
             .map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -195,7 +195,7 @@ impl Mailbox {
     pub fn held_for(&self, to_id: PeerId) -> Result<Vec<HeldMessage>, StoreError> {
         let db = self.lock();
         let mut stmt = db
-            .prepare(
+            .prepare_cached(
                 "SELECT from_name, from_id, msg_id, stored_at, sealed FROM held
                  WHERE to_id = ?1 ORDER BY stored_at, rowid",
             )
@@ -270,7 +270,7 @@ impl Mailbox {
     pub fn notices_for(&self, sender: PeerId) -> Result<Vec<Notice>, StoreError> {
         let db = self.lock();
         let mut stmt = db
-            .prepare("SELECT notice FROM notices WHERE to_id = ?1 ORDER BY rowid")
+            .prepare_cached("SELECT notice FROM notices WHERE to_id = ?1 ORDER BY rowid")
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(params![&sender.0[..]], |r| r.get::<_, Vec<u8>>(0))
