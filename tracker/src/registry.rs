@@ -577,7 +577,7 @@ mod tests {
     fn full_list(joined: &Joined) -> usize {
         match &joined.first_view {
             FirstView::FullList(list) => list.len(),
-            FirstView::Subscribe { .. } => panic!("no full list in subscribe mode"),
+            FirstView::Subscribe => panic!("no full list in subscribe mode"),
         }
     }
 
