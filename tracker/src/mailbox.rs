@@ -68,6 +68,9 @@ impl Mailbox {
                  PRIMARY KEY (to_id, msg_id)
              );
              CREATE INDEX IF NOT EXISTS held_expiry ON held (expires_at);
+             -- The hand-over at every enrollment reads a recipient's messages in
+             -- order; without this index SQLite sorts, even when there are none.
+             CREATE INDEX IF NOT EXISTS held_by_recipient ON held (to_id, stored_at);
              CREATE TABLE IF NOT EXISTS notices (
                  to_id      BLOB NOT NULL,
                  msg_id     BLOB NOT NULL,
@@ -75,7 +78,9 @@ impl Mailbox {
                  expires_at INTEGER NOT NULL,
                  PRIMARY KEY (to_id, msg_id)
              );
-             CREATE INDEX IF NOT EXISTS notices_expiry ON notices (expires_at);",
+             CREATE INDEX IF NOT EXISTS notices_expiry ON notices (expires_at);
+             -- The same for a sender's notices, in the order they were stored.
+             CREATE INDEX IF NOT EXISTS notices_by_sender ON notices (to_id);",
         )
         .map_err(err)?;
         Ok(Self {
