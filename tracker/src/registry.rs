@@ -23,6 +23,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     ops::Bound,
     sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
 use tincan_proto::{
@@ -37,6 +38,12 @@ use crate::queue::{FrameQueue, NotQueued};
 
 /// How many presence changes a session may fall behind before it is dropped.
 pub const PRESENCE_BACKLOG: usize = 4096;
+/// In broadcast mode, presence changes for one peer are gathered for this
+/// long and then written with one flush. Without it, N peers joining cost
+/// N × N packets (one per change per online peer) and as many task
+/// wake-ups; with it, at most one packet burst per online peer per window,
+/// whatever the join rate. It is also the most a presence change is delayed.
+pub const PRESENCE_COALESCE: Duration = Duration::from_millis(200);
 /// Frames addressed to one session (held messages, notices) waiting to be
 /// written; past this they stay in the mailbox for the next enrollment.
 pub const INBOX_QUEUE: usize = 256;
@@ -155,6 +162,18 @@ pub enum FeedEnd {
 }
 
 impl Feed {
+    /// How long a session gathers changes before it writes them with one
+    /// flush. Broadcast: [`PRESENCE_COALESCE`], since every join reaches
+    /// every peer and N joins would otherwise cost N² packets. Subscribe: no
+    /// wait (a peer hears only the names it follows; whatever is queued when
+    /// the session wakes still goes out in one flush).
+    pub fn window(&self) -> Duration {
+        match self {
+            Feed::All { .. } => PRESENCE_COALESCE,
+            Feed::Followed(_) => Duration::ZERO,
+        }
+    }
+
     /// The next change for this session, skipping its own.
     pub async fn recv(&mut self) -> Result<Encoded<FromTracker>, FeedEnd> {
         match self {

@@ -37,12 +37,6 @@ use crate::{
 
 /// Longest wait for each enrollment step (handshake, Hello, Thanks).
 pub const ENROLL_STEP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Presence changes for one peer are gathered for this long and then written
-/// with one flush. Without it, N peers joining cost N × N packets (one per
-/// change per online peer) and as many task wake-ups; with it, at most one
-/// packet burst per online peer per window, whatever the join rate. It is
-/// also the most a presence change is delayed.
-pub const PRESENCE_COALESCE: Duration = Duration::from_millis(200);
 /// Longest a write to one peer may block before the peer is dropped as a laggard.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After Reject or Goodbye, how long the tracker waits for the peer to close
@@ -379,9 +373,10 @@ impl Session {
         mut online: Online,
         shutdown: CancellationToken,
     ) -> Result<(), End> {
-        // Presence is coalesced: the first change opens a window of
-        // PRESENCE_COALESCE during which this task does not wake for
+        // Presence is coalesced: the first change opens a window (the
+        // feed's, see Feed::window) during which this task does not wake for
         // presence at all; then everything queued goes out in one flush.
+        let coalesce = online.feed.window();
         let mut first = None;
         let mut window: Option<Pin<Box<Sleep>>> = None;
         // Relay circuits this peer asked for; they end with the session.
@@ -390,9 +385,13 @@ impl Session {
             let wake = tokio::select! {
                 frame = online.reader.next() => Wake::Frame(frame),
                 change = online.feed.recv(), if window.is_none() => {
-                    window = Some(Box::pin(tokio::time::sleep(PRESENCE_COALESCE)));
-                    first = Some(change);
-                    continue;
+                    if coalesce.is_zero() {
+                        Wake::Presence(change)
+                    } else {
+                        window = Some(Box::pin(tokio::time::sleep(coalesce)));
+                        first = Some(change);
+                        continue;
+                    }
                 }
                 () = elapsed(&mut window) => {
                     window = None;
@@ -672,7 +671,7 @@ impl Session {
 
     /// Forwards `first` and every change queued behind it with a single
     /// flush: one QUIC write (and usually one packet) per peer per
-    /// [`PRESENCE_COALESCE`] window, however many peers joined in it.
+    /// coalescing window ([`Feed::window`]), however many peers joined in it.
     async fn forward_presence(
         &self,
         writer: &mut Writer,
