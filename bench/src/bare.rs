@@ -1,15 +1,21 @@
 //! The bare quinn server: the baseline for the tracker's handshake rate and
-//! memory. It speaks tincan's TLS with the tracker's transport limits, keeps
-//! one task per connection as the tracker does, answers one byte on the
-//! first stream (so the client knows the server finished the handshake) and
-//! holds the connection until the client goes.
+//! memory. It runs with the tracker's own QUIC settings (tincan's TLS, the
+//! tracker's transport config and its UDP socket with the same buffers,
+//! from `tincan_tracker`), keeps one task per connection as the tracker
+//! does, answers one byte on the first stream (so the client knows the
+//! server finished the handshake) and holds the connection until the client
+//! goes.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use quinn::Endpoint;
+use tincan_proto::tls::Identity;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{BenchError, quic};
+use crate::{
+    BenchError,
+    quic::{self, QuicError},
+};
 
 /// Connections the bare server holds at most (the harness goes to 100 000).
 pub const MAX_CONNECTIONS: usize = 200_000;
@@ -20,7 +26,21 @@ pub struct BareServer {
 
 impl BareServer {
     pub fn bind(listen: SocketAddr) -> Result<Self, BenchError> {
-        let (endpoint, _) = quic::server_endpoint(listen, quic::ALPN_BARE)?;
+        let identity = Identity::generate().map_err(QuicError::from)?;
+        let config = tincan_tracker::server_config(&identity, quic::ALPN_BARE)
+            .map_err(|e| QuicError::Tls(e.to_string()))?;
+        let bind_err = |source| QuicError::Bind {
+            addr: listen,
+            source,
+        };
+        let socket = tincan_tracker::udp_socket(listen).map_err(bind_err)?;
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
         Ok(Self { endpoint })
     }
 

@@ -7,6 +7,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -23,6 +24,41 @@ use crate::{
 
 /// Growth of per-peer presence bytes allowed when N doubles ("at most ~doubles").
 pub const PRESENCE_GROWTH_TARGET: f64 = 2.1;
+
+/// The tracker's `--presence` mode in a phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Full list at enrollment, every change to everyone (the default).
+    Broadcast,
+    /// Each simulated peer follows [`swarm::CONTACTS`] others.
+    Subscribe,
+}
+
+impl Presence {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Presence::Broadcast => "broadcast",
+            Presence::Subscribe => "subscribe",
+        }
+    }
+
+    /// Presence frames the `n` peers of a swarm read in all once every
+    /// change of `enrolled` peers joining has reached them, given the
+    /// `list_entries` they got in their lists at enrollment.
+    fn expected_frames(self, n: usize, enrolled: usize, list_entries: u64) -> u64 {
+        let m = enrolled as u64;
+        match self {
+            // Each joiner is announced to everyone already online.
+            Presence::Broadcast => m * m.saturating_sub(1) / 2,
+            // Each follow is answered once: in the follower's Subscribed
+            // pages, or by a Joined once the followed peer comes.
+            Presence::Subscribe => {
+                let follows: usize = (0..n).map(|i| swarm::contacts(i, n).len()).sum();
+                (follows as u64).saturating_sub(list_entries)
+            }
+        }
+    }
+}
 
 /// What to run, and how big.
 #[derive(Debug, Clone)]
@@ -141,6 +177,7 @@ async fn start_tracker(
     dir: &Path,
     label: &str,
     max_peers: usize,
+    presence: Presence,
 ) -> Result<(Server, PeerId), BenchError> {
     let data = dir.join(label);
     let args = vec![
@@ -150,6 +187,8 @@ async fn start_tracker(
         data.display().to_string(),
         "--max-peers".into(),
         max_peers.max(tincan_tracker::DEFAULT_MAX_PEERS).to_string(),
+        "--presence".into(),
+        presence.flag().into(),
     ];
     let log = dir.join(format!("{label}.log"));
     let server = Server::start(
@@ -170,7 +209,7 @@ async fn start_tracker(
 
 async fn direct_figures(opts: &Options, dir: &Path, report: &mut Report) -> Result<(), BenchError> {
     let raw = direct::raw_rtt(opts.rtt_messages, opts.rtt_warmup).await?;
-    let (tracker, key) = start_tracker(opts, dir, "direct-tracker", 0).await?;
+    let (tracker, key) = start_tracker(opts, dir, "direct-tracker", 0, Presence::Broadcast).await?;
     let nodes = dir.join("nodes");
     let mut pair = NodePair::start(tracker.addr, key, &nodes, ("alice", "bob"), false).await?;
     let tin = pair.rtt(opts.rtt_messages, opts.rtt_warmup).await?;
@@ -337,6 +376,7 @@ async fn serve_swarm(
     server: &Server,
     configs: Vec<quinn::ClientConfig>,
     target: swarm::Target,
+    presence: Presence,
 ) -> Result<Served, BenchError> {
     let n = configs.len();
     let rss_before = server.usage()?.rss_bytes;
@@ -356,8 +396,8 @@ async fn serve_swarm(
     let presence_drain = match target {
         swarm::Target::Tracker { .. } => {
             let t = Instant::now();
-            let expected =
-                (enrollment.enrolled as u64) * (enrollment.enrolled as u64).saturating_sub(1) / 2;
+            let entries = swarm.counters.list_entries.load(Ordering::Relaxed);
+            let expected = presence.expected_frames(n, enrollment.enrolled, entries);
             swarm
                 .wait_presence(expected, opts.drain)
                 .await
@@ -414,14 +454,34 @@ async fn tracker_figures(
     )
     .await?;
     let configs = swarm::client_configs(&ids, swarm::Target::Bare)?;
-    let base = serve_swarm(opts, &bare, configs, swarm::Target::Bare).await?;
+    let base = serve_swarm(
+        opts,
+        &bare,
+        configs,
+        swarm::Target::Bare,
+        Presence::Subscribe,
+    )
+    .await?;
     bare.stop().await;
 
-    let (tracker, key) = start_tracker(opts, dir, "enroll-tracker", n).await?;
+    // A tracker as big as this is run in subscribe mode (docs/operations.md).
+    let presence = Presence::Subscribe;
+    let (tracker, key) = start_tracker(opts, dir, "enroll-tracker", n, presence).await?;
     let target = swarm::Target::Tracker { key };
     let configs = swarm::client_configs(&ids, target)?;
-    let tin = serve_swarm(opts, &tracker, configs, target).await?;
+    let tin = serve_swarm(opts, &tracker, configs, target, presence).await?;
     tracker.stop().await;
+    report.note(format!(
+        "tracker_enroll, tracker_memory, tracker_idle_cpu: the tracker ran with --presence {}; \
+         each simulated peer follows {} others spread over the swarm (p(i±k·{}), k = 1…{}) and \
+         reads their state (Subscribed) and then their presence changes; the bare server runs \
+         with the tracker's own QUIC server config and UDP socket (tincan_tracker::server_config, \
+         udp_socket)",
+        presence.flag(),
+        swarm::CONTACTS,
+        (n / (2 * swarm::CONTACTS)).max(1),
+        swarm::CONTACTS / 2
+    ));
 
     // tracker_enroll
     let (tr, br) = (tin.enrollment.rate(), base.enrollment.rate());
@@ -473,10 +533,11 @@ async fn tracker_figures(
     let list_bytes: u64 = tin.reports.iter().map(|r| r.list_bytes).sum();
     let presence_bytes: u64 = tin.reports.iter().map(|r| r.presence_bytes).sum();
     report.note(format!(
-        "tracker_enroll counts a peer enrolled when its last ClientList page arrives; baseline: \
-         handshake + a one-byte exchange on a stream with the bare server. Bringing N={n} peers \
-         online moved {} of client lists ({} per enrollment) and {} of presence deltas to the \
-         load generator; presence fan-out finished {} after the last enrollment",
+        "tracker_enroll counts a peer enrolled when its last ClientList (broadcast) or Subscribed \
+         (subscribe) page arrives; baseline: handshake + a one-byte exchange on a stream with the \
+         bare server. Bringing N={n} peers online moved {} of lists ({} per enrollment) and {} of \
+         presence deltas to the load generator; presence fan-out finished {} after the last \
+         enrollment",
         bytes(list_bytes as f64),
         bytes(list_bytes as f64 / n.max(1) as f64),
         bytes(presence_bytes as f64),
@@ -575,8 +636,16 @@ async fn presence_figures(
     let largest = opts.presence_sizes.iter().copied().max().unwrap_or(0);
     let ids = identities(largest)?;
     let mut at = Vec::new();
+    // presence_scaling measures the default, full-list mode.
+    let presence = Presence::Broadcast;
+    report.note(format!(
+        "presence_scaling: the tracker ran with --presence {} (full list at enrollment, every \
+         change to every peer); presence_enroll_per_s_N is that mode's enrollment rate (no goal)",
+        presence.flag()
+    ));
     for &n in &opts.presence_sizes {
-        let (tracker, key) = start_tracker(opts, dir, &format!("presence-{n}"), n).await?;
+        let (tracker, key) =
+            start_tracker(opts, dir, &format!("presence-{n}"), n, presence).await?;
         let target = swarm::Target::Tracker { key };
         let configs = swarm::client_configs(&ids[..n], target)?;
         let phase = Phase::begin(&tracker)?;
@@ -588,10 +657,9 @@ async fn presence_figures(
             opts.deadline,
         )
         .await?;
-        let m = enrollment.enrolled as u64;
-        let complete = swarm
-            .wait_presence(m * m.saturating_sub(1) / 2, opts.drain)
-            .await;
+        let entries = swarm.counters.list_entries.load(Ordering::Relaxed);
+        let expected = presence.expected_frames(n, enrollment.enrolled, entries);
+        let complete = swarm.wait_presence(expected, opts.drain).await;
         let (wall, server, own) = phase.end(&tracker)?;
         let reports = swarm.stop().await;
         tracker.stop().await;
@@ -650,6 +718,7 @@ async fn presence_figures(
             &format!("presence_classic_bytes_per_peer_{n}"),
             p.classic_per_peer,
         );
+        report.result(&format!("presence_enroll_per_s_{n}"), enrollment.rate());
         at.push(p);
     }
     // Largest growth of (deltas + list) per peer from one size to the next,

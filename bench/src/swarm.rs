@@ -1,9 +1,11 @@
 //! The load generator: simulated peers over real QUIC. In tracker mode each
 //! one is a full tincan client as far as the tracker can tell (its own
 //! Ed25519 identity and TLS client certificate, Hello → Welcome → Thanks →
-//! every `ClientList` page), and it keeps reading presence frames for as long
-//! as it is held, as a real peer must or be dropped as a laggard. In bare
-//! mode it does a handshake and a one-byte exchange with the bare server.
+//! every `ClientList` page; or, when the tracker announces subscribe mode,
+//! `Subscribe` to its contacts → every `Subscribed` page), and it keeps
+//! reading presence frames for as long as it is held, as a real peer must or
+//! be dropped as a laggard. In bare mode it does a handshake and a one-byte
+//! exchange with the bare server.
 //!
 //! Enrollment is closed-loop: at most `concurrency` peers are between
 //! "connect" and "enrolled" at once, the same for both servers.
@@ -44,11 +46,17 @@ pub const CLIENT_ENDPOINTS: usize = 4;
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes of the length prefix in front of every tincan frame.
 pub const LENGTH_PREFIX: u64 = 4;
+/// Names each simulated peer follows on a tracker in subscribe mode: a
+/// small contact list spread over the swarm (see [`contacts`]), so that every
+/// contact is mutual, about half of them are online before the peer (their
+/// state comes in `Subscribed`) and half join after it (heard as presence).
+pub const CONTACTS: usize = 8;
 
 /// Which server the swarm talks to.
 #[derive(Debug, Clone, Copy)]
 pub enum Target {
-    /// The real tracker, whose key the peers pin.
+    /// The real tracker, whose key the peers pin. In subscribe mode each
+    /// peer follows [`CONTACTS`] others.
     Tracker { key: PeerId },
     /// The bare quinn server.
     Bare,
@@ -161,6 +169,7 @@ impl Swarm {
                     let endpoint = endpoints[i % endpoints.len()].clone();
                     let peer = SimPeer {
                         index: i,
+                        swarm_size: n,
                         server,
                         target,
                         counters: counters.clone(),
@@ -278,6 +287,8 @@ enum Session {
 
 struct SimPeer {
     index: usize,
+    /// How many peers the swarm has (their names are p0 … p{n-1}).
+    swarm_size: usize,
     server: SocketAddr,
     target: Target,
     counters: Arc<Counters>,
@@ -331,9 +342,22 @@ impl SimPeer {
                 }
                 writer.send(ToTracker::Thanks).await?;
                 let mut report = PeerReport::default();
+                let mut frame = next_frame(&mut reader, "ClientList").await?;
+                if let (FromTracker::SubscribeMode { .. }, _) = frame {
+                    writer
+                        .send(ToTracker::Subscribe {
+                            names: self.contacts()?,
+                        })
+                        .await?;
+                    frame = next_frame(&mut reader, "Subscribed").await?;
+                }
                 loop {
-                    match next_frame(&mut reader, "ClientList").await? {
-                        (FromTracker::ClientList { peers, last }, len) => {
+                    match frame {
+                        (
+                            FromTracker::ClientList { peers, last }
+                            | FromTracker::Subscribed { peers, last },
+                            len,
+                        ) => {
                             report.list_bytes += len;
                             report.list_entries += peers.len() as u64;
                             if last {
@@ -343,10 +367,11 @@ impl SimPeer {
                         (FromTracker::Presence(_), len) => self.count_presence(&mut report, len),
                         (other, _) => {
                             return Err(BenchError::Protocol(format!(
-                                "expected ClientList, got {other:?}"
+                                "expected ClientList or Subscribed, got {other:?}"
                             )));
                         }
                     }
+                    frame = next_frame(&mut reader, "the next page of the list").await?;
                 }
                 self.counters
                     .list_bytes
@@ -362,6 +387,14 @@ impl SimPeer {
                 })
             }
         }
+    }
+
+    /// The names this peer follows in subscribe mode (see [`CONTACTS`]).
+    fn contacts(&self) -> Result<Vec<Name>, BenchError> {
+        contacts(self.index, self.swarm_size)
+            .into_iter()
+            .map(|j| Name::parse(&format!("p{j}")).map_err(|e| BenchError::Protocol(e.to_string())))
+            .collect()
     }
 
     fn count_presence(&self, report: &mut PeerReport, len: u64) {
@@ -429,6 +462,23 @@ impl SimPeer {
     }
 }
 
+/// The indices of peer `i`'s contacts in a swarm of `n`: i ± k·s (wrapping)
+/// for k = 1 … [`CONTACTS`]/2 and a stride s = n / (2·[`CONTACTS`]) (at
+/// least 1), itself excluded, each once. Peers enroll in index order, so the
+/// stride puts half the contacts well ahead of the enrollments in flight.
+pub fn contacts(i: usize, n: usize) -> Vec<usize> {
+    let n = n.max(1);
+    let stride = (n / (2 * CONTACTS)).max(1);
+    let mut out: Vec<usize> = (1..=CONTACTS / 2)
+        .map(|k| (k * stride) % n)
+        .flat_map(|d| [(i + d) % n, (i + n - d) % n])
+        .filter(|&j| j != i)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// Reads one frame and decodes it as the real client does; also returns its
 /// size on the wire (length prefix included).
 async fn next_frame(
@@ -466,4 +516,29 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contacts_are_spread_mutual_and_each_once() {
+        assert_eq!(contacts(0, 100), [6, 12, 18, 24, 76, 82, 88, 94]);
+        assert_eq!(contacts(50, 100), [26, 32, 38, 44, 56, 62, 68, 74]);
+        assert_eq!(contacts(0, 20), [1, 2, 3, 4, 16, 17, 18, 19]);
+        assert_eq!(contacts(2, 5), [0, 1, 3, 4]);
+        assert_eq!(contacts(0, 2), [1]);
+        assert!(contacts(0, 1).is_empty());
+        // Mutual: j follows i whenever i follows j.
+        for n in [20, 100, 10_000] {
+            for i in 0..n {
+                let c = contacts(i, n);
+                assert_eq!(c.len(), CONTACTS);
+                for j in c {
+                    assert!(contacts(j, n).contains(&i));
+                }
+            }
+        }
+    }
 }

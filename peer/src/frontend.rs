@@ -1,7 +1,7 @@
 //! The two front ends of the `peer` binary, both line-based so that scripts
 //! and tests can drive them through pipes:
 //!
-//! - text (default): `/msg NAME TEXT`, `/who`, `/history NAME [N]`,
+//! - text (default): `/msg NAME TEXT`, `/who [all [AFTER]]`, `/history NAME [N]`,
 //!   `/verify [NAME]`, `/accept NAME`, `/help`, `/quit`; incoming messages
 //!   print as `Message from alice: ...`, and each outgoing message's state
 //!   prints as it changes (`[1a2b3c4d] to bob: delivered (direct, 3 ms)`).
@@ -15,13 +15,13 @@ use std::{io::Write, time::Duration};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tincan_proto::{MessageId, PeerId};
+use tincan_proto::{MessageId, Name, PeerId, tracker::LIST_PAGE};
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use crate::{
-    Event, KeyInfo, Node, Path, PeerStatus, links::DIAL_TIMEOUT, outbox::ACK_TIMEOUT,
-    store::HistoryEntry,
+    Event, KeyInfo, Node, Path, PeerStatus, directory::PresenceMode, links::DIAL_TIMEOUT,
+    outbox::ACK_TIMEOUT, store::HistoryEntry,
 };
 
 /// Longest input line accepted (a maximal message plus its command); a
@@ -31,6 +31,8 @@ pub const MAX_LINE: usize = tincan_proto::MAX_BODY_LEN + 1024;
 pub const DEFAULT_HISTORY: usize = 20;
 /// Most history lines one command returns.
 pub const MAX_HISTORY: usize = 10_000;
+/// Names `/who all` shows at a time (it says how to see the next ones).
+pub const WHO_ALL_PAGE: usize = 50;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -182,13 +184,11 @@ impl Output {
                     Err(e) => self.error(None, &format!("{e}; nothing was sent")),
                 }
             }
-            "/who" => {
-                let peers = node.peers();
-                self.line(&format!("{} online:", peers.len()));
-                for p in peers {
-                    self.line(&who_line(&p));
-                }
-            }
+            "/who" => match rest.split_once(' ').unwrap_or((rest, "")) {
+                ("", _) => self.who(node),
+                ("all", after) => self.who_all(node, after.trim()).await,
+                _ => self.line("usage: /who [all [AFTER]]"),
+            },
             "/history" | "/h" => {
                 let mut words = rest.split_whitespace();
                 let Some(with) = words.next() else {
@@ -242,6 +242,63 @@ impl Output {
         Flow::Continue
     }
 
+    /// `/who`: the client list; in subscribe mode, the names followed.
+    fn who(&mut self, node: &Node) {
+        let peers = node.peers();
+        match node.presence() {
+            (PresenceMode::Broadcast, _) => self.line(&format!("{} online:", peers.len())),
+            (PresenceMode::Subscribe { .. }, followed) => self.line(&format!(
+                "{} online among the {} names you follow (and you):",
+                peers.iter().filter(|p| !p.me).count(),
+                followed.len()
+            )),
+        }
+        for p in &peers {
+            self.line(&who_line(p));
+        }
+        if let (PresenceMode::Subscribe { .. }, followed) = node.presence() {
+            let offline: Vec<&str> = followed
+                .iter()
+                .filter(|n| !peers.iter().any(|p| p.info.name.key() == n.key()))
+                .map(Name::as_str)
+                .collect();
+            if !offline.is_empty() {
+                self.line(&format!("  not online: {}", offline.join(", ")));
+            }
+            self.line("  (this tracker only tells you about names you follow; /who all lists everyone online)");
+        }
+    }
+
+    /// `/who all [AFTER]`: one page of everyone online, from the tracker.
+    async fn who_all(&mut self, node: &Node, after: &str) {
+        let after = match after {
+            "" => None,
+            name => match Name::parse(name) {
+                Ok(name) => Some(name),
+                Err(e) => return self.error(None, &format!("invalid name: {e}")),
+            },
+        };
+        match node.list_page(after, WHO_ALL_PAGE).await {
+            Ok((peers, more)) => {
+                self.line(&format!("everyone online, {} from here:", peers.len()));
+                for p in &peers {
+                    let me = p.id == node.id();
+                    self.line(&format!(
+                        "  {:<20} {}{}",
+                        p.name.as_str(),
+                        p.id.short(),
+                        if me { "  (you)" } else { "" }
+                    ));
+                }
+                match peers.last().filter(|_| more) {
+                    Some(last) => self.line(&format!("  more: /who all {}", last.name)),
+                    None => self.line("  (end of the list)"),
+                }
+            }
+            Err(e) => self.error(None, &e.to_string()),
+        }
+    }
+
     async fn json_command(&mut self, node: &Node, line: &str) -> Flow {
         if line.trim().is_empty() {
             return Flow::Continue;
@@ -274,8 +331,16 @@ impl Output {
             }
             Some("who") => {
                 let peers: Vec<Value> = node.peers().iter().map(peer_json).collect();
-                self.json(json!({"id": id, "ok": true, "peers": peers}));
+                let mut reply = json!({"id": id, "ok": true, "peers": peers});
+                let (mode, followed) = node.presence();
+                reply["presence"] = json!(mode_name(mode));
+                if let PresenceMode::Subscribe { .. } = mode {
+                    reply["following"] =
+                        json!(followed.iter().map(Name::as_str).collect::<Vec<_>>());
+                }
+                self.json(reply);
             }
+            Some("list") => self.list(node, &id, &cmd).await,
             Some("history") => {
                 let Some(with) = str_field("with") else {
                     self.error(Some(&id), "history needs a string field \"with\"");
@@ -348,9 +413,41 @@ impl Output {
         Flow::Continue
     }
 
+    /// JSON `list`: one page of everyone online.
+    async fn list(&mut self, node: &Node, id: &Value, cmd: &Value) {
+        let after = match cmd.get("after") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(name)) => match Name::parse(name) {
+                Ok(name) => Some(name),
+                Err(e) => return self.error(Some(id), &format!("invalid name: {e}")),
+            },
+            Some(_) => return self.error(Some(id), "list: \"after\" must be a name"),
+        };
+        let limit = cmd
+            .get("limit")
+            .and_then(Value::as_u64)
+            .map_or(LIST_PAGE, |n| usize::try_from(n).unwrap_or(LIST_PAGE));
+        match node.list_page(after, limit).await {
+            Ok((peers, more)) => {
+                let peers: Vec<Value> = peers
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "name": p.name.as_str(), "peer_id": p.id.to_string(),
+                            "fingerprint": p.id.short(), "observed": p.observed.to_string(),
+                            "me": p.id == node.id(),
+                        })
+                    })
+                    .collect();
+                self.json(json!({"id": id, "ok": true, "peers": peers, "more": more}));
+            }
+            Err(e) => self.error(Some(id), &e.to_string()),
+        }
+    }
+
     fn event(&mut self, node: &Node, event: Event) {
         match self.mode {
-            Mode::Json => self.json(event_json(&event)),
+            Mode::Json => self.json(event_json(node, &event)),
             Mode::Text => {
                 if let Some(line) = event_text(node, &event) {
                     self.line(&line);
@@ -364,11 +461,13 @@ impl Output {
     }
 }
 
-const COMMANDS: &str = "commands: send, who, history, outbox, accept_key, verify, logout";
+const COMMANDS: &str = "commands: send, who, list, history, outbox, accept_key, verify, logout";
 
 const HELP: &str = "commands:
   /msg NAME TEXT     send TEXT to NAME (directly; held by the tracker if NAME is away)
-  /who               who is online, and our link to each
+  /who               who is online (on a big tracker: among the names you follow),
+                     and our link to each
+  /who all [AFTER]   everyone online, a page at a time (after the name AFTER)
   /history NAME [N]  the last N messages with NAME (default 20)
   /verify [NAME]     show your full key, or NAME's
   /accept NAME       trust NAME's new key after it changed (check it first)
@@ -468,7 +567,14 @@ fn msg_id(id: &MessageId) -> String {
     id.to_string()
 }
 
-fn event_json(event: &Event) -> Value {
+fn mode_name(mode: PresenceMode) -> &'static str {
+    match mode {
+        PresenceMode::Broadcast => "broadcast",
+        PresenceMode::Subscribe { .. } => "subscribe",
+    }
+}
+
+fn event_json(node: &Node, event: &Event) -> Value {
     match event {
         Event::Enrolled {
             name,
@@ -482,6 +588,7 @@ fn event_json(event: &Event) -> Value {
         Event::ClientList { peers } => json!({
             "event": "client_list",
             "peers": peers.iter().map(|p| json!({"name": p.name.as_str(), "peer_id": p.id.to_string()})).collect::<Vec<_>>(),
+            "presence": mode_name(node.presence().0),
         }),
         Event::Presence { name, id, online } => json!({
             "event": "presence", "name": name.as_str(), "peer_id": id.to_string(), "online": online,
@@ -550,10 +657,18 @@ fn event_text(node: &Node, event: &Event) -> Option<String> {
                 .filter(|p| p.id != node.id())
                 .map(|p| p.name.as_str())
                 .collect();
-            if others.is_empty() {
-                "* nobody else is online".to_string()
-            } else {
-                format!("* online: {}", others.join(", "))
+            match (node.presence(), others.is_empty()) {
+                ((PresenceMode::Broadcast, _), true) => "* nobody else is online".to_string(),
+                ((PresenceMode::Broadcast, _), false) => format!("* online: {}", others.join(", ")),
+                ((PresenceMode::Subscribe { .. }, followed), true) => format!(
+                    "* none of the {} names you follow is online (/who all lists everyone online)",
+                    followed.len()
+                ),
+                ((PresenceMode::Subscribe { .. }, followed), false) => format!(
+                    "* online among the {} names you follow: {}",
+                    followed.len(),
+                    others.join(", ")
+                ),
             }
         }
         Event::Presence {

@@ -26,13 +26,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    directory::Directory,
+    directory::{Directory, PresenceMode},
     event::{Event, Path, Shown},
     links::{self, Links},
     mail, net,
     outbox::{self, Outgoing},
     store::{HistoryEntry, Incoming, KeyCheck, Pending, ShownMessage, Store, StoreError, now_ms},
-    tracker_client::{self, Command, EnrollError, Enrolled},
+    tracker_client::{self, Command, EnrollError, Enrolled, ListError},
 };
 
 /// Events waiting for the front end; when it falls behind, incoming
@@ -324,7 +324,11 @@ impl Inner {
             info!(tracker = %self.config.tracker, key = %enrolled.tracker_id.short(), "pinned tracker key");
         }
         self.set_tracker_conn(Some(enrolled.connection()));
-        let changes = self.directory().replace(enrolled.peers.clone());
+        let changes = self.directory().replace(
+            enrolled.presence,
+            &enrolled.followed,
+            enrolled.peers.clone(),
+        );
         for peer in &enrolled.peers {
             self.observe_key(&peer.name, peer.id).await;
         }
@@ -486,6 +490,23 @@ impl Node {
                 info,
             })
             .collect()
+    }
+
+    /// How the tracker tells this peer who is online, and in subscribe
+    /// mode the names it follows (`peers` holds the online ones among them).
+    pub fn presence(&self) -> (PresenceMode, Vec<Name>) {
+        let directory = self.inner.directory();
+        (directory.mode(), directory.followed())
+    }
+
+    /// One page of everyone online after `after`, in name order: at most
+    /// `limit` entries (capped at `LIST_PAGE`), and whether more follow.
+    pub async fn list_page(
+        &self,
+        after: Option<Name>,
+        limit: usize,
+    ) -> Result<(Vec<PeerInfo>, bool), ListError> {
+        tracker_client::list_page(&self.inner, after, limit).await
     }
 
     /// The last `limit` messages exchanged with `with`, oldest first.

@@ -163,8 +163,10 @@ struct Entry {
 }
 
 /// A pinned key and a changed one waiting for `/accept`.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Known {
+    /// The name as first seen (its case), for the names this user follows.
+    name: Name,
     key: PeerId,
     pending: Option<PeerId>,
 }
@@ -363,20 +365,22 @@ fn open_messages(db: &Connection) -> rusqlite::Result<Vec<Pending>> {
 }
 
 fn known_keys(db: &Connection) -> rusqlite::Result<HashMap<String, Known>> {
-    let mut stmt = db.prepare("SELECT name_key, key, pending_key FROM known_keys")?;
+    let mut stmt = db.prepare("SELECT name_key, name, key, pending_key FROM known_keys")?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
-            r.get::<_, Vec<u8>>(1)?,
-            r.get::<_, Option<Vec<u8>>>(2)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Vec<u8>>(2)?,
+            r.get::<_, Option<Vec<u8>>>(3)?,
         ))
     })?;
     let mut out = HashMap::new();
     for row in rows {
-        let (name_key, key, pending) = row?;
-        if let Some(key) = peer_id(&key) {
+        let (name_key, name, key, pending) = row?;
+        // A row this peer wrote holds a valid name and key; skip anything else.
+        if let (Ok(name), Some(key)) = (Name::parse(&name), peer_id(&key)) {
             let pending = pending.as_deref().and_then(peer_id);
-            out.insert(name_key, Known { key, pending });
+            out.insert(name_key, Known { name, key, pending });
         }
     }
     Ok(out)
@@ -973,7 +977,14 @@ impl Store {
                 KeyCheck::Changed { pinned }
             }
             None => {
-                keys.insert(name_key.clone(), Known { key, pending: None });
+                keys.insert(
+                    name_key.clone(),
+                    Known {
+                        name: name.clone(),
+                        key,
+                        pending: None,
+                    },
+                );
                 let name = name.as_str().to_owned();
                 self.write_behind(
                     move |db| {
@@ -994,6 +1005,16 @@ impl Store {
     /// The pinned key for `name`, if any.
     pub fn pinned_key(&self, name: &Name) -> Option<PeerId> {
         locked(&self.keys).get(&name.key()).map(|k| k.key)
+    }
+
+    /// The names with a pinned key, in name order, at most `limit`: the
+    /// peers this user has dealt with, whom it follows on a tracker in
+    /// subscribe mode.
+    pub fn known_names(&self, limit: usize) -> Result<Vec<Name>, StoreError> {
+        let keys = locked(&self.keys);
+        let mut names: Vec<&Name> = keys.values().map(|k| &k.name).collect();
+        names.sort_by_key(|n| n.key());
+        Ok(names.into_iter().take(limit).cloned().collect())
     }
 
     /// The pinned key for `name` and a changed one waiting for `/accept`.
@@ -1289,5 +1310,29 @@ mod tests {
         assert_eq!(s.accept_key(&name("bob")).await.unwrap(), None);
         s.close().await;
         assert_eq!(open(&dir).pinned_key(&name("bob")), Some(k2));
+    }
+}
+
+// ---- names to follow (subscribe mode) -------------------------------------
+
+#[cfg(test)]
+mod known_names_tests {
+    use super::*;
+
+    #[test]
+    fn known_names_are_the_pinned_ones_in_name_order_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("peer.db"), STORE_LINGER).unwrap();
+        for (n, k) in [("carol", 3), ("Alice", 1), ("bob", 2)] {
+            s.check_key(&Name::parse(n).unwrap(), PeerId([k; 32]));
+        }
+        let names: Vec<String> = s
+            .known_names(2)
+            .unwrap()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(names, ["Alice", "bob"]);
+        assert_eq!(s.known_names(10).unwrap().len(), 3);
     }
 }

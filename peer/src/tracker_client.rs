@@ -1,7 +1,9 @@
 //! The peer's side of the tracker protocol: enroll (hello → welcome →
-//! thanks → client list), then follow presence and answer lookups; when the
-//! connection drops, tell the user and enroll again with capped exponential
-//! backoff. Direct conversations do not depend on any of this.
+//! thanks → client list, or on a tracker in subscribe mode: the names this
+//! peer follows and which of them are online), then follow presence and
+//! answer lookups; when the connection drops, tell the user and enroll again
+//! with capped exponential backoff. Direct conversations do not depend on
+//! any of this.
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -10,7 +12,8 @@ use quinn::{Connection, RecvStream, SendStream};
 use tincan_proto::{
     ALPN_TRACKER, Codec, MessageId, Name, PROTOCOL_VERSION, PeerId, close,
     tracker::{
-        FromTracker, HoldResult, PeerInfo, PresenceChange, RejectReason, SealKeyEntry, ToTracker,
+        FromTracker, HoldResult, LIST_PAGE, PeerInfo, PresenceChange, RejectReason, SealKeyEntry,
+        ToTracker,
     },
 };
 use tokio::{
@@ -20,7 +23,7 @@ use tokio::{
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn};
 
-use crate::{event::Event, mail::Mail, net, node::Inner};
+use crate::{directory::PresenceMode, event::Event, mail::Mail, net, node::Inner};
 
 /// Longest wait to reach the tracker and for each enrollment step.
 pub const TRACKER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,6 +37,10 @@ pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 pub const MAX_PENDING_LOOKUPS: usize = 256;
 /// Commands queued for the tracker task.
 pub const COMMAND_QUEUE: usize = 64;
+/// Most names this peer follows on a tracker in subscribe mode, whatever the
+/// tracker allows: its contacts (names with a pinned key) first. A
+/// `Subscribe` of this many 32-character names fits one frame.
+pub const MAX_FOLLOWED: usize = 1_024;
 
 type Reader = FramedRead<RecvStream, Codec<FromTracker, ()>>;
 type Writer = FramedWrite<SendStream, Codec<(), ToTracker>>;
@@ -63,6 +70,13 @@ pub enum EnrollError {
     Net(#[from] net::NetError),
 }
 
+/// Why a page of everyone online could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    #[error("the tracker is not reachable right now; try again later")]
+    TrackerAway,
+}
+
 impl EnrollError {
     /// Errors that retrying cannot fix.
     pub fn is_permanent(&self) -> bool {
@@ -87,7 +101,12 @@ pub struct Enrolled {
     writer: Writer,
     pub tracker_id: PeerId,
     pub observed: SocketAddr,
+    /// Everyone online (broadcast), or this peer and the online ones among
+    /// `followed` (subscribe).
     pub peers: Vec<PeerInfo>,
+    pub presence: PresenceMode,
+    /// Subscribe mode: the names this enrollment follows.
+    pub followed: Vec<Name>,
 }
 
 /// Requests to the tracker task. While the tracker is away, replies are
@@ -110,6 +129,12 @@ pub enum Command {
     },
     /// A frame that needs no answer (receipts, notice acknowledgements).
     Send(ToTracker),
+    /// One page of everyone online (subscribe mode).
+    ListPage {
+        after: Option<Name>,
+        limit: u32,
+        reply: oneshot::Sender<(Vec<PeerInfo>, bool)>,
+    },
     Logout {
         reply: oneshot::Sender<()>,
     },
@@ -157,44 +182,57 @@ pub async fn enroll(inner: &Inner, pin: Option<PeerId>) -> Result<Enrolled, Enro
     let proto_err = |e: tincan_proto::FrameError| EnrollError::Protocol(e.to_string());
 
     // 1. hello
+    let local_addrs = net::local_addrs(inner.local_addr);
     writer
         .send(ToTracker::Hello {
             name: inner.config.name.clone(),
             version: PROTOCOL_VERSION,
-            local_addrs: net::local_addrs(inner.local_addr),
+            local_addrs: local_addrs.clone(),
         })
         .await
         .map_err(proto_err)?;
     // 3. welcome (or reject)
-    let observed = match timeout(TRACKER_TIMEOUT, reader.next()).await {
-        Err(_) => return Err(step("Welcome")),
-        Ok(Some(Ok(FromTracker::Welcome { observed, .. }))) => observed,
-        Ok(Some(Ok(FromTracker::Reject { reason }))) => {
-            conn.close(close::NORMAL.into(), b"rejected");
-            return Err(EnrollError::Rejected(reason));
-        }
-        Ok(other) => return Err(unexpected(&conn, other)),
+    let observed = match next_step(&conn, &mut reader, "Welcome").await? {
+        FromTracker::Welcome { observed, .. } => observed,
+        other => return Err(unexpected(&conn, Some(Ok(other)))),
     };
     // 4. thanks
     writer.send(ToTracker::Thanks).await.map_err(proto_err)?;
-    // 6. the client list, in pages
-    let mut peers = Vec::new();
-    loop {
-        match timeout(TRACKER_TIMEOUT, reader.next()).await {
-            Err(_) => return Err(step("the client list")),
-            Ok(Some(Ok(FromTracker::ClientList { peers: page, last }))) => {
-                peers.extend(page);
-                if last {
-                    break;
-                }
-            }
-            Ok(Some(Ok(FromTracker::Reject { reason }))) => {
-                conn.close(close::NORMAL.into(), b"rejected");
-                return Err(EnrollError::Rejected(reason));
-            }
-            Ok(other) => return Err(unexpected(&conn, other)),
+    // 6. who is online: everyone, in pages; or, on a tracker in subscribe
+    //    mode (it said so right after Welcome), the online ones among the
+    //    names we follow.
+    let (presence, followed, peers) = match next_step(&conn, &mut reader, "the client list").await?
+    {
+        first @ FromTracker::ClientList { .. } => {
+            let peers = read_pages(&conn, &mut reader, first, client_list_page).await?;
+            (PresenceMode::Broadcast, Vec::new(), peers)
         }
-    }
+        FromTracker::SubscribeMode { max_subscriptions } => {
+            let max_subscriptions =
+                usize::try_from(max_subscriptions).map_or(MAX_FOLLOWED, |m| m.min(MAX_FOLLOWED));
+            let followed = names_to_follow(inner, max_subscriptions);
+            writer
+                .send(ToTracker::Subscribe {
+                    names: followed.clone(),
+                })
+                .await
+                .map_err(proto_err)?;
+            let first = next_step(&conn, &mut reader, "the followed names").await?;
+            let mut peers = read_pages(&conn, &mut reader, first, subscribed_page).await?;
+            peers.push(PeerInfo {
+                name: inner.config.name.clone(),
+                id: inner.identity.id(),
+                observed,
+                local_addrs,
+            });
+            (
+                PresenceMode::Subscribe { max_subscriptions },
+                followed,
+                peers,
+            )
+        }
+        other => return Err(unexpected(&conn, Some(Ok(other)))),
+    };
     // So that others can seal messages for us while we are away.
     writer
         .send(ToTracker::PublishSealKey(inner.signed_seal.clone()))
@@ -207,7 +245,118 @@ pub async fn enroll(inner: &Inner, pin: Option<PeerId>) -> Result<Enrolled, Enro
         tracker_id,
         observed,
         peers,
+        presence,
+        followed,
     })
+}
+
+/// The next frame of an enrollment step, within [`TRACKER_TIMEOUT`]; a
+/// `Reject` ends the enrollment.
+async fn next_step(
+    conn: &Connection,
+    reader: &mut Reader,
+    what: &'static str,
+) -> Result<FromTracker, EnrollError> {
+    match timeout(TRACKER_TIMEOUT, reader.next()).await {
+        Err(_) => Err(EnrollError::Protocol(format!(
+            "timed out waiting for {what}"
+        ))),
+        Ok(Some(Ok(FromTracker::Reject { reason }))) => {
+            conn.close(close::NORMAL.into(), b"rejected");
+            Err(EnrollError::Rejected(reason))
+        }
+        Ok(Some(Ok(frame))) => Ok(frame),
+        Ok(other) => Err(unexpected(conn, other)),
+    }
+}
+
+/// A page of a list, split by `page` into its entries and whether it is the
+/// last; any other frame is given back.
+type PageOf = fn(FromTracker) -> Result<(Vec<PeerInfo>, bool), FromTracker>;
+
+fn client_list_page(frame: FromTracker) -> Result<(Vec<PeerInfo>, bool), FromTracker> {
+    match frame {
+        FromTracker::ClientList { peers, last } => Ok((peers, last)),
+        other => Err(other),
+    }
+}
+
+fn subscribed_page(frame: FromTracker) -> Result<(Vec<PeerInfo>, bool), FromTracker> {
+    match frame {
+        FromTracker::Subscribed { peers, last } => Ok((peers, last)),
+        other => Err(other),
+    }
+}
+
+/// Reads a paged list, `first` being its first page, up to its last page.
+async fn read_pages(
+    conn: &Connection,
+    reader: &mut Reader,
+    first: FromTracker,
+    page: PageOf,
+) -> Result<Vec<PeerInfo>, EnrollError> {
+    let mut peers = Vec::new();
+    let mut frame = first;
+    loop {
+        let (entries, last) = page(frame).map_err(|other| unexpected(conn, Some(Ok(other))))?;
+        peers.extend(entries);
+        if last {
+            return Ok(peers);
+        }
+        frame = next_step(conn, reader, "the next page of the list").await?;
+    }
+}
+
+/// Whom this peer follows on a tracker in subscribe mode: the names it has
+/// dealt with (a pinned key) and the names on its client list, in name
+/// order, at most `max`.
+fn names_to_follow(inner: &Inner, max: usize) -> Vec<Name> {
+    let me = inner.config.name.key();
+    let known = inner.store.known_names(max).unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read the known names");
+        Vec::new()
+    });
+    let listed = inner.directory().all().into_iter().map(|p| p.name);
+    let names: std::collections::BTreeMap<String, Name> = known
+        .into_iter()
+        .chain(listed)
+        .map(|n| (n.key(), n))
+        .filter(|(key, _)| *key != me)
+        .collect();
+    names.into_values().take(max).collect()
+}
+
+/// One page of everyone online after `after`, in name order (at most
+/// `limit`, capped at [`LIST_PAGE`]), and whether more follow: from the
+/// tracker in subscribe mode, from the client list (which is everyone) in
+/// broadcast mode.
+pub(crate) async fn list_page(
+    inner: &Inner,
+    after: Option<Name>,
+    limit: usize,
+) -> Result<(Vec<PeerInfo>, bool), ListError> {
+    let limit = limit.min(LIST_PAGE);
+    if inner.directory().mode() == PresenceMode::Broadcast {
+        return Ok(inner.directory().page(after.as_ref(), limit));
+    }
+    if !*inner.tracker_up.borrow() {
+        return Err(ListError::TrackerAway);
+    }
+    let (reply, rx) = oneshot::channel();
+    let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+    inner
+        .tracker
+        .send(Command::ListPage {
+            after,
+            limit,
+            reply,
+        })
+        .await
+        .map_err(|_| ListError::TrackerAway)?;
+    match timeout(LOOKUP_TIMEOUT, rx).await {
+        Ok(Ok(page)) => Ok(page),
+        _ => Err(ListError::TrackerAway),
+    }
 }
 
 fn unexpected(
@@ -282,30 +431,23 @@ async fn follow(
     let mut lookups: HashMap<u32, oneshot::Sender<Option<PeerInfo>>> = HashMap::new();
     let mut seal_keys: HashMap<u32, oneshot::Sender<Option<SealKeyEntry>>> = HashMap::new();
     let mut holds: HashMap<MessageId, oneshot::Sender<HoldResult>> = HashMap::new();
+    let mut pages: HashMap<u32, oneshot::Sender<(Vec<PeerInfo>, bool)>> = HashMap::new();
     let mut next_req: u32 = 0;
     loop {
         tokio::select! {
             frame = session.reader.next() => match frame {
-                Some(Ok(FromTracker::Presence(change))) => {
-                    if let PresenceChange::Joined(info) = &change {
-                        // The same peer back from another address (it
-                        // restarted): the old link is dead, drop it now
-                        // rather than after its idle timeout.
-                        let moved = inner
-                            .directory()
-                            .get(&info.name)
-                            .is_some_and(|old| old.id == info.id && old.observed != info.observed);
-                        if moved {
-                            inner.links.forget(&info.id);
-                        }
-                        inner.observe_key(&info.name, info.id).await;
+                Some(Ok(FromTracker::Presence(change))) => on_presence(inner, change).await,
+                Some(Ok(FromTracker::Subscribed { peers, .. })) => {
+                    // The state of a name just followed (after a lookup,
+                    // which checked its key): not a change, so no event.
+                    let mut directory = inner.directory();
+                    for info in peers {
+                        directory.insert(info);
                     }
-                    let (name, id, online) = inner.directory().apply(change);
-                    if name != inner.config.name {
-                        if !online {
-                            inner.links.forget(&id);
-                        }
-                        inner.emit(Event::Presence { name, id, online }).await;
+                }
+                Some(Ok(FromTracker::ListPageReply { req, peers, more })) => {
+                    if let Some(reply) = pages.remove(&req) {
+                        let _ = reply.send((peers, more));
                     }
                 }
                 Some(Ok(FromTracker::SealKeyReply { req, entry })) => {
@@ -366,7 +508,22 @@ async fn follow(
                     lookups.retain(|_, r| !r.is_closed());
                     next_req = next_req.wrapping_add(1);
                     lookups.insert(next_req, reply);
-                    if let Err(e) = session.writer.send(ToTracker::Lookup { req: next_req, name }).await {
+                    let follow = subscription_for(inner, &name);
+                    let frames = std::iter::once(ToTracker::Lookup { req: next_req, name }).chain(follow);
+                    for frame in frames {
+                        if let Err(e) = session.writer.send(frame).await {
+                            return Ended::Lost(format!("cannot write to tracker: {e}"));
+                        }
+                    }
+                }
+                Some(Command::ListPage { after, limit, reply }) => {
+                    pages.retain(|_, r| !r.is_closed());
+                    if pages.len() >= MAX_PENDING_LOOKUPS {
+                        continue;
+                    }
+                    next_req = next_req.wrapping_add(1);
+                    pages.insert(next_req, reply);
+                    if let Err(e) = session.writer.send(ToTracker::ListPage { req: next_req, after, limit }).await {
                         return Ended::Lost(format!("cannot write to tracker: {e}"));
                     }
                 }
@@ -406,6 +563,41 @@ async fn follow(
             () = inner.cancel.cancelled() => return Ended::Cancelled,
         }
     }
+}
+
+/// Applies one change to the client list and tells the user.
+async fn on_presence(inner: &Arc<Inner>, change: PresenceChange) {
+    if let PresenceChange::Joined(info) = &change {
+        // The same peer back from another address (it restarted): the old
+        // link is dead, drop it now rather than after its idle timeout.
+        let moved = inner
+            .directory()
+            .get(&info.name)
+            .is_some_and(|old| old.id == info.id && old.observed != info.observed);
+        if moved {
+            inner.links.forget(&info.id);
+        }
+        inner.observe_key(&info.name, info.id).await;
+    }
+    let (name, id, online) = inner.directory().apply(change);
+    if name != inner.config.name {
+        if !online {
+            inner.links.forget(&id);
+        }
+        inner.emit(Event::Presence { name, id, online }).await;
+    }
+}
+
+/// In subscribe mode, the `Subscribe` that follows a name this peer looks up
+/// (one it sends to, or hears from) if it does not follow it yet and may
+/// follow more; it is recorded as followed.
+fn subscription_for(inner: &Inner, name: &Name) -> Option<ToTracker> {
+    if *name == inner.config.name || !inner.directory().follow(name.clone()) {
+        return None;
+    }
+    Some(ToTracker::Subscribe {
+        names: vec![name.clone()],
+    })
 }
 
 /// Why the tracker connection ended, from its close reason.
@@ -463,7 +655,13 @@ async fn reconnect(
                 () = &mut sleep => break,
                 cmd = commands.recv() => match cmd {
                     // Dropping a reply tells the caller the tracker is away.
-                    Some(Command::Lookup { .. } | Command::SealKeyOf { .. } | Command::Hold { .. } | Command::Send(_)) => {}
+                    Some(
+                        Command::Lookup { .. }
+                        | Command::SealKeyOf { .. }
+                        | Command::Hold { .. }
+                        | Command::Send(_)
+                        | Command::ListPage { .. },
+                    ) => {}
                     Some(Command::Logout { reply }) => { let _ = reply.send(()); return None; }
                     None => return None,
                 },

@@ -16,6 +16,20 @@
 //!  |-- Logout ----------------------->|
 //!  |<-- Goodbye ----------------------|  the peer closes; Presence(Left) to everyone
 //! ```
+//!
+//! A tracker in subscribe mode sends no full list: it follows `Welcome` with
+//! `SubscribeMode`, and after `Thanks` the peer names the peers it follows
+//! and hears about those only:
+//!
+//! ```text
+//!  |<-- Welcome{observed} ------------|  3. welcome
+//!  |<-- SubscribeMode{max} -----------|     (same packet) no full list here
+//!  |-- Thanks ----------------------->|  4. thanks
+//!  |-- Subscribe{names} ------------->|  6. the names this peer follows
+//!  |<-- Subscribed{peers, last} ------|     the online ones among them (paged)
+//!  |        ... Presence deltas of followed names, Subscribe/Unsubscribe,
+//!  |            ListPage/ListPageReply (everyone online, a page at a time) ...
+//! ```
 
 use std::net::SocketAddr;
 
@@ -23,8 +37,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{MessageId, Name, PeerId};
 
-/// Most entries in one `ClientList` page, so that a page of peers with the
-/// maximum number of local addresses stays under [`crate::MAX_FRAME_LEN`].
+/// Most entries in one `ClientList`, `Subscribed` or `ListPageReply` page,
+/// so that a page of peers with the maximum number of local addresses stays
+/// under [`crate::MAX_FRAME_LEN`].
 pub const LIST_PAGE: usize = 256;
 
 /// Frames a peer sends to the tracker.
@@ -80,6 +95,21 @@ pub enum ToTracker {
     /// Asks the tracker to coordinate a simultaneous dial (hole punch) with
     /// `to`; both sides then receive `Punch`.
     Connect { to: Name },
+    /// Follow these names (online or not): their joins and leaves reach this
+    /// peer. Answered by `Subscribed` with the online ones. Only sent to a
+    /// tracker that announced [`FromTracker::SubscribeMode`], whose
+    /// `max_subscriptions` bounds the names followed in all.
+    Subscribe { names: Vec<Name> },
+    /// Stop following these names. No answer.
+    Unsubscribe { names: Vec<Name> },
+    /// One page of everyone online, in name order (without regard to case),
+    /// starting after `after` (from the start when `None`), at most `limit`
+    /// entries (capped at [`LIST_PAGE`]). Answered by `ListPageReply`.
+    ListPage {
+        req: u32,
+        after: Option<Name>,
+        limit: u32,
+    },
 }
 
 /// Frames the tracker sends to a peer.
@@ -127,6 +157,20 @@ pub enum FromTracker {
     /// Dial `peer` (from this peer's one endpoint) after `delay_ms`, so that
     /// both sides' first packets leave at about the same moment.
     Punch { peer: PeerInfo, delay_ms: u32 },
+    /// Sent right after `Welcome` by a tracker in subscribe mode: it sends
+    /// no `ClientList` and pushes only changes of followed names. After
+    /// `Thanks` the peer sends `Subscribe` (its first, possibly empty, list
+    /// of names; step 6), following at most `max_subscriptions` names in all.
+    SubscribeMode { max_subscriptions: u32 },
+    /// Reply to `Subscribe`: the followed names that are online now, in
+    /// pages of at most [`LIST_PAGE`] entries; `last` marks the final page.
+    Subscribed { peers: Vec<PeerInfo>, last: bool },
+    /// Reply to `ListPage`: `more` is true when names follow the last entry.
+    ListPageReply {
+        req: u32,
+        peers: Vec<PeerInfo>,
+        more: bool,
+    },
 }
 
 /// Why the tracker would not relay.

@@ -24,7 +24,7 @@ use tokio_util::codec::{Decoder, Encoder};
 use tincan_proto::codec::{self, Encoded};
 use tincan_proto::peer::{Refusal, ToReceiver, ToSender};
 use tincan_proto::tracker::{
-    CircuitRefusal, FromTracker, HeldMessage, HoldResult, Notice, NoticeKind, PeerInfo,
+    CircuitRefusal, FromTracker, HeldMessage, HoldResult, LIST_PAGE, Notice, NoticeKind, PeerInfo,
     PresenceChange, RejectReason, SealKeyEntry, SignedSealKey, ToTracker,
 };
 use tincan_proto::{Codec, FrameError, MAX_FRAME_LEN, MAX_LOCAL_ADDRS, MessageId, Name, PeerId};
@@ -229,6 +229,10 @@ fn arb_to_tracker() -> impl Strategy<Value = ToTracker> {
         arb_name().prop_map(|to| ToTracker::Circuit { to }),
         Just(ToTracker::CircuitAccept),
         arb_name().prop_map(|to| ToTracker::Connect { to }),
+        prop::collection::vec(arb_name(), 0..4).prop_map(|names| ToTracker::Subscribe { names }),
+        prop::collection::vec(arb_name(), 0..4).prop_map(|names| ToTracker::Unsubscribe { names }),
+        (any::<u32>(), prop::option::of(arb_name()), any::<u32>())
+            .prop_map(|(req, after, limit)| ToTracker::ListPage { req, after, limit }),
     ]
 }
 
@@ -258,6 +262,15 @@ fn arb_from_tracker() -> impl Strategy<Value = FromTracker> {
         arb_circuit_refusal().prop_map(|reason| FromTracker::CircuitRefused { reason }),
         (arb_peer_info(), any::<u32>())
             .prop_map(|(peer, delay_ms)| FromTracker::Punch { peer, delay_ms }),
+        any::<u32>().prop_map(|max_subscriptions| FromTracker::SubscribeMode { max_subscriptions }),
+        (prop::collection::vec(arb_peer_info(), 0..6), any::<bool>())
+            .prop_map(|(peers, last)| FromTracker::Subscribed { peers, last }),
+        (
+            any::<u32>(),
+            prop::collection::vec(arb_peer_info(), 0..6),
+            any::<bool>()
+        )
+            .prop_map(|(req, peers, more)| FromTracker::ListPageReply { req, peers, more }),
     ]
 }
 
@@ -529,6 +542,38 @@ fn to_tracker_goldens() -> Vec<Golden<ToTracker>> {
             "Connect",
             ToTracker::Connect { to: name("alice") },
             "0c 05 616c696365", // to "alice"
+        ),
+        (
+            "Subscribe",
+            ToTracker::Subscribe {
+                names: vec![name("alice"), name("bob")],
+            },
+            "0d 02 05 616c696365 03 626f62", // names: ["alice", "bob"]
+        ),
+        (
+            "Unsubscribe",
+            ToTracker::Unsubscribe {
+                names: vec![name("alice")],
+            },
+            "0e 01 05 616c696365", // names: ["alice"]
+        ),
+        (
+            "ListPage",
+            ToTracker::ListPage {
+                req: 7,
+                after: Some(name("alice")),
+                limit: 256,
+            },
+            "0f 07 01 05 616c696365 8002", // req 7, after Some("alice"), limit 256
+        ),
+        (
+            "ListPage(from the start)",
+            ToTracker::ListPage {
+                req: 8,
+                after: None,
+                limit: 3,
+            },
+            "0f 08 00 03", // req 8, after None, limit 3
         ),
     ]
 }
@@ -834,6 +879,30 @@ fn from_tracker_goldens() -> Vec<Golden<FromTracker>> {
             },
             concat!("0e ", alice_info_hex!(), " fa01"), // peer, delay_ms 250 (two-byte varint)
         ),
+        (
+            "SubscribeMode",
+            FromTracker::SubscribeMode {
+                max_subscriptions: 1024,
+            },
+            "0f 8008", // max_subscriptions 1024 (two-byte varint)
+        ),
+        (
+            "Subscribed",
+            FromTracker::Subscribed {
+                peers: vec![alice_info()],
+                last: true,
+            },
+            concat!("10 01 ", alice_info_hex!(), " 01"), // peers: [alice], last
+        ),
+        (
+            "ListPageReply",
+            FromTracker::ListPageReply {
+                req: 7,
+                peers: vec![alice_info()],
+                more: false,
+            },
+            concat!("11 07 01 ", alice_info_hex!(), " 00"), // req 7, peers: [alice], no more
+        ),
     ]
 }
 
@@ -906,9 +975,12 @@ fn to_tracker_index(m: &ToTracker) -> u8 {
         ToTracker::Circuit { .. } => 10,
         ToTracker::CircuitAccept => 11,
         ToTracker::Connect { .. } => 12,
+        ToTracker::Subscribe { .. } => 13,
+        ToTracker::Unsubscribe { .. } => 14,
+        ToTracker::ListPage { .. } => 15,
     }
 }
-const TO_TRACKER_VARIANTS: u8 = 13;
+const TO_TRACKER_VARIANTS: u8 = 16;
 
 fn from_tracker_index(m: &FromTracker) -> u8 {
     match m {
@@ -927,9 +999,12 @@ fn from_tracker_index(m: &FromTracker) -> u8 {
         FromTracker::CircuitReady => 12,
         FromTracker::CircuitRefused { .. } => 13,
         FromTracker::Punch { .. } => 14,
+        FromTracker::SubscribeMode { .. } => 15,
+        FromTracker::Subscribed { .. } => 16,
+        FromTracker::ListPageReply { .. } => 17,
     }
 }
-const FROM_TRACKER_VARIANTS: u8 = 15;
+const FROM_TRACKER_VARIANTS: u8 = 18;
 
 fn to_receiver_index(m: &ToReceiver) -> u8 {
     match m {
@@ -1229,12 +1304,14 @@ fn assert_spaced_name_rejected<T: DeserializeOwned + Debug>(goldens: &[Golden<T>
 
 #[test]
 fn an_invalid_name_in_any_message_that_carries_one_is_rejected() {
-    // Hello, Lookup, SealKeyOf, Hold, Circuit, Connect;
+    // Hello, Lookup, SealKeyOf, Hold, Circuit, Connect, Subscribe,
+    // Unsubscribe, ListPage(Some);
     // ClientList, Presence(Joined/Left), LookupReply(Some), SealKeyReply(Some),
-    // Held, Notice(Delivered/Expired/Rejected), CircuitOffer, Punch;
+    // Held, Notice(Delivered/Expired/Rejected), CircuitOffer, Punch,
+    // Subscribed, ListPageReply;
     // Open.
-    assert_eq!(assert_spaced_name_rejected(&to_tracker_goldens()), 6);
-    assert_eq!(assert_spaced_name_rejected(&from_tracker_goldens()), 11);
+    assert_eq!(assert_spaced_name_rejected(&to_tracker_goldens()), 9);
+    assert_eq!(assert_spaced_name_rejected(&from_tracker_goldens()), 13);
     assert_eq!(assert_spaced_name_rejected(&to_receiver_goldens()), 1);
 }
 
@@ -1247,12 +1324,15 @@ fn unknown_variant_indices_and_invalid_tags_are_rejected() {
             "{hex} decoded as {res:?}"
         );
     }
-    bad::<ToTracker>("0d"); // one past Connect
+    bad::<ToTracker>("10"); // one past ListPage
+    bad::<ToTracker>("0f 07 02"); // ListPage.after: Option tag 2
     bad::<ToTracker>("7f");
     bad::<ToTracker>("8001"); // varint 128
     bad::<ToTracker>("02 ffffffffff01 01 61"); // Lookup.req overflows u32
     bad::<ToTracker>("05 ffffffffff01 01 61"); // SealKeyOf.req overflows u32
-    bad::<FromTracker>("0f"); // one past Punch
+    bad::<FromTracker>("12"); // one past ListPageReply
+    bad::<FromTracker>("10 00 02"); // Subscribed.last is neither 0 nor 1
+    bad::<FromTracker>("11 07 00 02"); // ListPageReply.more is neither 0 nor 1
     bad::<FromTracker>("00 02 cb007107 c0b802 e807"); // SocketAddr tag 2
     bad::<FromTracker>("01 07"); // RejectReason one past Unavailable
     bad::<FromTracker>("02 00 02"); // ClientList.last is neither 0 nor 1
@@ -1490,4 +1570,39 @@ fn a_well_framed_but_malformed_body_is_an_error() {
     let mut buf = BytesMut::from(&unhex("00000002 01 00")[..]); // Thanks + 1 byte
     let res = tracker.decode(&mut buf);
     assert!(matches!(res, Err(FrameError::Trailing(1))), "{res:?}");
+}
+
+/// The largest entry a tracker can hand out: a 32-character name, an IPv6
+/// observed address and the most local addresses, all with 3-byte ports.
+fn largest_peer_info(i: usize) -> PeerInfo {
+    let v6 = |n: u16| SocketAddr::new(Ipv6Addr::new(0xfd00, n, 0, 0, 0, 0, 0, 1).into(), 65535);
+    PeerInfo {
+        name: name(&format!("{i:032}")),
+        id: peer_id_a(),
+        observed: v6(0),
+        local_addrs: (1..=MAX_LOCAL_ADDRS as u16).map(v6).collect(),
+    }
+}
+
+#[test]
+fn a_full_page_of_the_largest_entries_fits_a_frame_in_every_paged_reply() {
+    let peers: Vec<PeerInfo> = (0..LIST_PAGE).map(largest_peer_info).collect();
+    for frame in [
+        FromTracker::ClientList {
+            peers: peers.clone(),
+            last: false,
+        },
+        FromTracker::Subscribed {
+            peers: peers.clone(),
+            last: false,
+        },
+        FromTracker::ListPageReply {
+            req: u32::MAX,
+            peers,
+            more: true,
+        },
+    ] {
+        let len = codec::encode(&frame).unwrap().len();
+        assert!(len <= MAX_FRAME_LEN, "{len} bytes");
+    }
 }

@@ -9,7 +9,7 @@ use quinn::{Connection, Endpoint, crypto::rustls::QuicClientConfig};
 use tincan_proto::{
     ALPN_TRACKER, Codec, Name, PeerId,
     tls::{Identity, SERVER_NAME, client_config},
-    tracker::{FromTracker, ToTracker},
+    tracker::{FromTracker, PeerInfo, ToTracker},
 };
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -44,6 +44,22 @@ pub async fn enroll(
     addr: &str,
     name: &str,
 ) -> Result<(Connection, TrackerReader, TrackerWriter)> {
+    let (conn, mut reader, writer) = hello_thanks(identity, addr, name).await?;
+    loop {
+        if let FromTracker::ClientList { last: true, .. } = next_frame(&mut reader).await? {
+            break;
+        }
+    }
+    Ok((conn, reader, writer))
+}
+
+/// Connects and sends `Hello`, reads `Welcome`, sends `Thanks`: what is
+/// left of enrollment is step 6, which depends on the tracker's mode.
+pub async fn hello_thanks(
+    identity: &Identity,
+    addr: &str,
+    name: &str,
+) -> Result<(Connection, TrackerReader, TrackerWriter)> {
     let conn = connect_as(identity, addr, ALPN_TRACKER, None).await?;
     let (send, recv) = conn.open_bi().await?;
     let mut reader: TrackerReader = FramedRead::new(recv, Codec::default());
@@ -60,12 +76,63 @@ pub async fn enroll(
         bail!("expected Welcome, got {welcome:?}");
     }
     writer.send(ToTracker::Thanks).await?;
+    Ok((conn, reader, writer))
+}
+
+/// A peer enrolled with a tracker in subscribe mode.
+pub struct Following {
+    pub conn: Connection,
+    pub reader: TrackerReader,
+    pub writer: TrackerWriter,
+    /// What `SubscribeMode` announced.
+    pub max_subscriptions: u32,
+    /// The online ones among the names followed at enrollment.
+    pub online: Vec<PeerInfo>,
+}
+
+/// Enrolls `name` with a tracker in subscribe mode, following `follow`.
+pub async fn enroll_following(
+    identity: &Identity,
+    addr: &str,
+    name: &str,
+    follow: &[&str],
+) -> Result<Following> {
+    let (conn, mut reader, mut writer) = hello_thanks(identity, addr, name).await?;
+    let max_subscriptions = match next_frame(&mut reader).await? {
+        FromTracker::SubscribeMode { max_subscriptions } => max_subscriptions,
+        other => bail!("expected SubscribeMode, got {other:?}"),
+    };
+    let names = follow
+        .iter()
+        .map(|n| Name::parse(n))
+        .collect::<Result<_, _>>()?;
+    writer.send(ToTracker::Subscribe { names }).await?;
+    let online = subscribed(&mut reader).await?;
+    Ok(Following {
+        conn,
+        reader,
+        writer,
+        max_subscriptions,
+        online,
+    })
+}
+
+/// Reads `Subscribed` pages up to the last one (skipping other frames,
+/// e.g. presence); returns their entries.
+pub async fn subscribed(reader: &mut TrackerReader) -> Result<Vec<PeerInfo>> {
+    let mut online = Vec::new();
     loop {
-        if let FromTracker::ClientList { last: true, .. } = next_frame(&mut reader).await? {
-            break;
+        let page = frame_where(reader, "a Subscribed page", |f| {
+            matches!(f, FromTracker::Subscribed { .. })
+        })
+        .await?;
+        if let FromTracker::Subscribed { peers, last } = page {
+            online.extend(peers);
+            if last {
+                return Ok(online);
+            }
         }
     }
-    Ok((conn, reader, writer))
 }
 
 /// The next frame from the tracker (within [`WAIT`]).

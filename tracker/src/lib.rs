@@ -8,11 +8,13 @@
 //!   forwarding and lookups until logout or disconnect.
 //! - [`registry`]: who is online, and presence fan-out (the one place that
 //!   decides who hears about a change).
+//! - [`queue`]: the small per-session queues the registry fills.
 //! - [`store`]: name → key bindings in SQLite, behind the [`store::NameStore`] trait.
 //! - [`mailbox`]: sealed messages held for offline peers, notices, sealing keys.
 //! - [`relay`]: relay circuits (spliced streams, quotas) and hole-punch timing.
 
 pub mod mailbox;
+pub mod queue;
 pub mod registry;
 pub mod relay;
 pub mod session;
@@ -35,7 +37,7 @@ use tracing::{info, warn};
 
 use crate::{
     mailbox::Mailbox,
-    registry::Registry,
+    registry::{PresenceMode, Registry},
     session::Shared,
     store::{NAME_RETENTION, SqliteNames},
 };
@@ -63,6 +65,8 @@ pub struct Config {
     pub name_retention: Duration,
     /// How long sealed messages wait for an offline recipient.
     pub held_ttl: Duration,
+    /// Who hears about a change: everyone, or the followers of its name.
+    pub presence: PresenceMode,
 }
 
 impl Config {
@@ -73,6 +77,7 @@ impl Config {
             max_peers: DEFAULT_MAX_PEERS,
             name_retention: NAME_RETENTION,
             held_ttl: mailbox::HELD_TTL,
+            presence: PresenceMode::default(),
         }
     }
 }
@@ -119,19 +124,7 @@ impl Tracker {
         let names = SqliteNames::open(&db_path, config.name_retention)?;
         let mailbox = Mailbox::open(&db_path, config.held_ttl)?;
 
-        let tls = tincan_proto::tls::server_config(&identity, &[ALPN_TRACKER])?;
-        let crypto = QuicServerConfig::try_from(tls).map_err(|e| StartError::Tls(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .max_idle_timeout(Some(
-                IDLE_TIMEOUT
-                    .try_into()
-                    .map_err(|_| StartError::Tls("idle timeout".into()))?,
-            ))
-            .max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into())
-            .max_concurrent_uni_streams(0u32.into());
-        server.transport_config(Arc::new(transport));
+        let server = server_config(&identity, ALPN_TRACKER)?;
         let socket = udp_socket(config.listen).map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
@@ -155,7 +148,7 @@ impl Tracker {
             endpoint,
             id: identity.id(),
             shared: Arc::new(Shared {
-                registry: Registry::new(config.max_peers),
+                registry: Registry::new(config.max_peers, config.presence),
                 names: Box::new(names),
                 mailbox,
                 relay: relay::Relay::default(),
@@ -179,6 +172,7 @@ impl Tracker {
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         let open = Arc::new(AtomicUsize::new(0));
+        info!(presence = ?self.shared.registry.mode(), "accepting peers");
         tasks.spawn(expire_held(self.shared.clone(), shutdown.clone()));
         loop {
             let incoming = tokio::select! {
@@ -210,6 +204,30 @@ impl Tracker {
     }
 }
 
+/// The tracker's QUIC server settings for `alpn`: tincan's TLS with this
+/// identity and the tracker's transport limits. Public so that benchmarks
+/// can hold a bare quinn server to exactly the same settings.
+pub fn server_config(identity: &Identity, alpn: &[u8]) -> Result<quinn::ServerConfig, StartError> {
+    let tls = tincan_proto::tls::server_config(identity, &[alpn])?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| StartError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config()));
+    Ok(server)
+}
+
+/// The tracker's transport limits: [`IDLE_TIMEOUT`] (the peers send the
+/// keep-alives), [`MAX_STREAMS_PER_PEER`] bidirectional streams, no
+/// unidirectional ones.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    // 10 s always fits quinn's VarInt range.
+    transport
+        .max_idle_timeout(IDLE_TIMEOUT.try_into().ok())
+        .max_concurrent_bidi_streams(MAX_STREAMS_PER_PEER.into())
+        .max_concurrent_uni_streams(0u32.into());
+    transport
+}
+
 /// Sweeps held messages past their time-to-live and tells their senders.
 async fn expire_held(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(shared.mailbox.sweep_interval());
@@ -239,7 +257,7 @@ async fn expire_held(shared: Arc<Shared>, shutdown: CancellationToken) {
 /// newcomers' handshake packets with them (measured: 400k+ drops while
 /// 2 000 peers enroll, none at 4 MiB). The kernel caps the size at
 /// `net.core.rmem_max`/`wmem_max` (docs/operations.md).
-fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {

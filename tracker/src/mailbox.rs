@@ -101,11 +101,11 @@ impl Mailbox {
 
     pub fn publish_seal_key(&self, id: PeerId, signed: &SignedSealKey) -> Result<(), StoreError> {
         self.lock()
-            .execute(
+            .prepare_cached(
                 "INSERT INTO seal_keys (peer_id, key, sig) VALUES (?1, ?2, ?3)
                  ON CONFLICT(peer_id) DO UPDATE SET key = ?2, sig = ?3",
-                params![&id.0[..], &signed.key[..], &signed.sig],
             )
+            .and_then(|mut stmt| stmt.execute(params![&id.0[..], &signed.key[..], &signed.sig]))
             .map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -194,39 +194,48 @@ impl Mailbox {
     /// Everything held for `to_id`, oldest first.
     pub fn held_for(&self, to_id: PeerId) -> Result<Vec<HeldMessage>, StoreError> {
         let db = self.lock();
+        // Sorted here, not with ORDER BY: this runs at every enrollment, and
+        // SQLite (built with STAT4) prepares a statement with ORDER BY again
+        // each time it is given another key (measured: most of the tracker's
+        // SQLite time while peers enroll).
         let mut stmt = db
-            .prepare(
-                "SELECT from_name, from_id, msg_id, stored_at, sealed FROM held
-                 WHERE to_id = ?1 ORDER BY stored_at, rowid",
+            .prepare_cached(
+                "SELECT rowid, from_name, from_id, msg_id, stored_at, sealed FROM held
+                 WHERE to_id = ?1",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(params![&to_id.0[..]], |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
                     r.get::<_, Vec<u8>>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, Vec<u8>>(4)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Vec<u8>>(5)?,
                 ))
             })
             .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
+        let mut found = Vec::new();
         for row in rows {
-            let (from, from_id, id, stored_at, sealed) = row.map_err(|e| self.err(e))?;
+            let (rowid, from, from_id, id, stored_at, sealed) = row.map_err(|e| self.err(e))?;
             if let (Ok(from), Some(from_id), Some(id)) =
                 (Name::parse(&from), id32(from_id), id16(id))
             {
-                out.push(HeldMessage {
+                let stored_at = u64::try_from(stored_at).unwrap_or(0);
+                let message = HeldMessage {
                     from,
                     from_id,
                     id,
-                    stored_at: u64::try_from(stored_at).unwrap_or(0),
+                    stored_at,
                     sealed,
-                });
+                };
+                found.push(((stored_at, rowid), message));
             }
         }
-        Ok(out)
+        // Oldest first, in the order they were stored.
+        found.sort_unstable_by_key(|(order, _)| *order);
+        Ok(found.into_iter().map(|(_, message)| message).collect())
     }
 
     /// Removes a held message its recipient has dealt with; returns its
@@ -269,19 +278,24 @@ impl Mailbox {
 
     pub fn notices_for(&self, sender: PeerId) -> Result<Vec<Notice>, StoreError> {
         let db = self.lock();
+        // Sorted here, not with ORDER BY (see held_for).
         let mut stmt = db
-            .prepare("SELECT notice FROM notices WHERE to_id = ?1 ORDER BY rowid")
+            .prepare_cached("SELECT rowid, notice FROM notices WHERE to_id = ?1")
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![&sender.0[..]], |r| r.get::<_, Vec<u8>>(0))
+            .query_map(params![&sender.0[..]], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
             .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
+        let mut found = Vec::new();
         for row in rows {
-            if let Ok(notice) = postcard::from_bytes(&row.map_err(|e| self.err(e))?) {
-                out.push(notice);
+            let (rowid, notice) = row.map_err(|e| self.err(e))?;
+            if let Ok(notice) = postcard::from_bytes(&notice) {
+                found.push((rowid, notice));
             }
         }
-        Ok(out)
+        found.sort_unstable_by_key(|(rowid, _)| *rowid);
+        Ok(found.into_iter().map(|(_, notice)| notice).collect())
     }
 
     pub fn notice_seen(&self, sender: PeerId, id: MessageId) -> Result<(), StoreError> {

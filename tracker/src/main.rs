@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use tincan_tracker::{Config, DEFAULT_MAX_PEERS, Tracker};
+use tincan_tracker::{Config, DEFAULT_MAX_PEERS, Tracker, registry::PresenceMode};
 use tokio_util::sync::CancellationToken;
 
 /// tincan's rendezvous server: enrolls peers by name and tells them who is online.
@@ -27,6 +27,27 @@ struct Args {
     /// How long a name stays bound to its key after its last use (e.g. 30d).
     #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
     name_retention: Duration,
+    /// Who hears about a peer coming and going: everyone (broadcast: the
+    /// full list at enrollment, every change to every peer), or only the
+    /// peers that follow its name (subscribe: for large trackers).
+    #[arg(long, value_enum, default_value_t = Presence::Broadcast)]
+    presence: Presence,
+}
+
+/// The values of `--presence`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Presence {
+    Broadcast,
+    Subscribe,
+}
+
+impl From<Presence> for PresenceMode {
+    fn from(p: Presence) -> Self {
+        match p {
+            Presence::Broadcast => PresenceMode::Broadcast,
+            Presence::Subscribe => PresenceMode::Subscribe,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -61,6 +82,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.max_peers = args.max_peers;
     config.held_ttl = args.held_ttl;
     config.name_retention = args.name_retention;
+    config.presence = args.presence.into();
     let tracker = Tracker::bind(config)?;
     let addr = tracker.local_addr().context("reading the bound address")?;
     println!("tracker listening on {addr}");

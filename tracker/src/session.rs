@@ -1,8 +1,10 @@
 //! One task per connection: enrollment (hello → welcome → thanks), then
-//! forwarding presence to the peer and answering its lookups until it logs
-//! out, is replaced, falls behind, or goes silent.
+//! forwarding presence to the peer and answering its lookups (and, in
+//! subscribe mode, its subscriptions) until it logs out, is replaced, falls
+//! behind, or goes silent. Who hears which change is the registry's decision;
+//! a session forwards whatever its [`Feed`] gives it.
 
-use std::{sync::Arc, time::Duration};
+use std::{ops::ControlFlow, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
@@ -16,11 +18,8 @@ use tincan_proto::{
     },
 };
 use tokio::{
-    sync::broadcast::{
-        self,
-        error::{RecvError, TryRecvError},
-    },
-    time::timeout,
+    task::JoinSet,
+    time::{Sleep, timeout},
 };
 use tokio_util::{
     codec::{FramedRead, FramedWrite},
@@ -30,19 +29,14 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::{
     mailbox::Mailbox,
-    registry::{JoinError, PresenceEvent, Registry, SessionId},
+    queue::FrameQueue,
+    registry::{Feed, FeedEnd, FirstView, JoinError, Registry, SessionId},
     relay::{Relay, punch_delays, serve_circuit},
     store::{NameStore, now_secs},
 };
 
 /// Longest wait for each enrollment step (handshake, Hello, Thanks).
 pub const ENROLL_STEP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Presence changes for one peer are gathered for this long and then written
-/// with one flush. Without it, N peers joining cost N × N packets (one per
-/// change per online peer) and as many task wake-ups; with it, at most one
-/// packet burst per online peer per window, whatever the join rate. It is
-/// also the most a presence change is delayed.
-pub const PRESENCE_COALESCE: Duration = Duration::from_millis(200);
 /// Longest a write to one peer may block before the peer is dropped as a laggard.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After Reject or Goodbye, how long the tracker waits for the peer to close
@@ -51,6 +45,29 @@ pub const LINGER: Duration = Duration::from_secs(2);
 
 type Reader = FramedRead<RecvStream, Codec<ToTracker, ()>>;
 type Writer = FramedWrite<SendStream, Codec<(), FromTracker>>;
+
+/// What an enrolled session keeps for as long as its peer is online.
+struct Online {
+    reader: Reader,
+    writer: Writer,
+    name: Name,
+    session: SessionId,
+    feed: Feed,
+    replaced: CancellationToken,
+    inbox: Arc<FrameQueue>,
+}
+
+/// Why [`Session::serve_online`] woke up with work to do.
+enum Wake {
+    /// A frame from the peer (or the end of its stream).
+    Frame(Option<Result<ToTracker, FrameError>>),
+    /// A presence window closed: forward this change and those behind it.
+    Presence(Result<Encoded<FromTracker>, FeedEnd>),
+    /// A frame other sessions addressed to this peer alone.
+    Direct(Encoded<FromTracker>),
+    /// A newer session of the same key took over.
+    Replaced,
+}
 
 /// What every session shares.
 pub struct Shared {
@@ -80,15 +97,43 @@ enum End {
     Replaced,
     #[error("fell behind on presence updates")]
     Lagging,
+    #[error("{0}")]
+    Subscribe(#[from] crate::registry::SubscribeError),
     #[error("tracker shutting down")]
     Shutdown,
+}
+
+/// Why forwarding presence stopped.
+#[derive(Debug)]
+enum Forward {
+    /// The feed ended (see [`FeedEnd`]).
+    Feed(FeedEnd),
+    /// Writing to the peer failed or blocked.
+    Write(End),
+}
+
+impl From<FeedEnd> for Forward {
+    fn from(end: FeedEnd) -> Self {
+        Forward::Feed(end)
+    }
+}
+
+impl From<Forward> for End {
+    /// A feed ends while its session lives only when the session fell too
+    /// far behind (the replaced case is handled before this).
+    fn from(f: Forward) -> Self {
+        match f {
+            Forward::Feed(_) => End::Lagging,
+            Forward::Write(end) => end,
+        }
+    }
 }
 
 impl End {
     fn close_code(&self) -> u32 {
         match self {
             End::Frame(_) => close::BAD_FRAME,
-            End::Protocol(_) => close::PROTOCOL,
+            End::Protocol(_) | End::Subscribe(_) => close::PROTOCOL,
             End::Rejected(_) => close::REJECTED,
             End::Replaced => close::REPLACED,
             End::Lagging => close::LAGGING,
@@ -99,9 +144,14 @@ impl End {
 }
 
 /// Serves one accepted connection until it ends; never panics on peer input.
+///
+/// This future lives as long as the connection, once per online peer, so
+/// the parts of a session that are only needed for a while (the handshake,
+/// enrollment, the work of each wake-up) run in futures of their own on the
+/// heap and are freed when done (memory per peer: docs/benchmarks.md).
 pub async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, shutdown: CancellationToken) {
     let remote = incoming.remote_address();
-    let conn = match timeout(ENROLL_STEP_TIMEOUT, incoming).await {
+    let conn = match Box::pin(timeout(ENROLL_STEP_TIMEOUT, incoming)).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => return debug!(%remote, error = %e, "handshake failed"),
         Err(_) => return debug!(%remote, "handshake timed out"),
@@ -168,6 +218,15 @@ impl Session {
     }
 
     async fn run(&mut self, shutdown: CancellationToken) -> Result<(), End> {
+        // Enrollment runs in a future of its own, freed once it is done:
+        // what stays for the life of the session is only the (much smaller)
+        // loop that serves an online peer.
+        let online = Box::pin(self.enroll()).await?;
+        Box::pin(self.serve_online(online, shutdown)).await
+    }
+
+    /// Steps 1 to 6 of enrollment, then what waited for this peer.
+    async fn enroll(&mut self) -> Result<Online, End> {
         let (send, recv) = step("the control stream", self.conn.accept_bi()).await??;
         let mut reader: Reader = FramedRead::new(recv, Codec::default());
         let mut writer: Writer = FramedWrite::new(send, Codec::default());
@@ -207,16 +266,17 @@ impl Session {
             return self.reject(&mut writer, reason).await;
         }
 
-        // 3. welcome, with the address the peer's packets come from
+        // 3. welcome, with the address the peer's packets come from, and in
+        //    the same packet how this tracker tells who is online (subscribe
+        //    mode), so that the peer can answer Thanks and Subscribe at once.
         let observed = self.conn.remote_address();
-        self.write(
-            &mut writer,
-            FromTracker::Welcome {
-                observed,
-                max_peers: self.shared.max_peers,
-            },
-        )
-        .await?;
+        let welcome = FromTracker::Welcome {
+            observed,
+            max_peers: self.shared.max_peers,
+        };
+        let announcement = self.shared.registry.announcement();
+        self.write_all(&mut writer, std::iter::once(welcome).chain(announcement))
+            .await?;
 
         // 4. thanks
         match step("Thanks", reader.next()).await? {
@@ -230,38 +290,42 @@ impl Session {
             return self.reject(&mut writer, reason).await;
         }
 
-        // 5. onto the list (and everyone else hears of it)
+        // 5. onto the list (and whoever hears of it is told)
         let info = PeerInfo {
             name: name.clone(),
             id: self.id,
             observed,
             local_addrs,
         };
-        let joined = match self.shared.registry.join(info.clone(), self.conn.clone()) {
+        let joined = match self.shared.registry.join(info, self.conn.clone()) {
             Ok(joined) => joined,
             Err(JoinError::Rejected(reason)) => return self.reject(&mut writer, reason).await,
             Err(JoinError::Encode(e)) => return Err(e.into()),
         };
-        self.name = Some((name.clone(), joined.session));
+        let session = joined.session;
+        self.name = Some((name.clone(), session));
         info!(name = %name, %observed, online = self.shared.registry.online(), "enrolled");
 
-        // 6. the full list, to the newcomer only, in pages
-        let mut pages = joined.snapshot.chunks(LIST_PAGE).peekable();
-        if pages.peek().is_none() {
-            self.write(
-                &mut writer,
-                FromTracker::ClientList {
-                    peers: vec![],
-                    last: true,
-                },
-            )
-            .await?;
-        }
-        while let Some(page) = pages.next() {
-            let peers = page.iter().map(|p| PeerInfo::clone(p)).collect();
-            let last = pages.peek().is_none();
-            self.write(&mut writer, FromTracker::ClientList { peers, last })
+        // 6. the newcomer's first view of who is online
+        match joined.first_view {
+            FirstView::FullList(list) => {
+                let peers = list.iter().map(|p| PeerInfo::clone(p)).collect();
+                self.write_pages(&mut writer, peers, |peers, last| FromTracker::ClientList {
+                    peers,
+                    last,
+                })
                 .await?;
+            }
+            FirstView::Subscribe => {
+                let names = match step("Subscribe", reader.next()).await? {
+                    Some(Ok(ToTracker::Subscribe { names })) => names,
+                    Some(Ok(_)) => return Err(End::Protocol("expected Subscribe")),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(End::Eof),
+                };
+                self.subscribe(&mut writer, (&name, session), &names)
+                    .await?;
+            }
         }
 
         // Then whatever waited for this peer while it was away.
@@ -290,73 +354,136 @@ impl Session {
         if reader.read_buffer().is_empty() {
             *reader.read_buffer_mut() = BytesMut::new();
         }
+        Ok(Online {
+            reader,
+            writer,
+            name,
+            session,
+            feed: joined.feed,
+            replaced: joined.replaced,
+            inbox: joined.inbox,
+        })
+    }
 
-        let mut presence = joined.presence;
-        // The first change of the current coalescing window, and when it ends.
-        let mut pending = None;
-        let mut flush_at: Option<tokio::time::Instant> = None;
-        let replaced = joined.replaced;
-        let mut inbox = joined.inbox;
+    /// Serves an enrolled peer until the session ends. This future lives as
+    /// long as the peer is online, so it stays small: it only waits, and the
+    /// work each wake-up brings runs in a short-lived future of its own.
+    async fn serve_online(
+        &mut self,
+        mut online: Online,
+        shutdown: CancellationToken,
+    ) -> Result<(), End> {
+        // Presence is coalesced: the first change opens a window (the
+        // feed's, see Feed::window) during which this task does not wake for
+        // presence at all; then everything queued goes out in one flush.
+        let coalesce = online.feed.window();
+        let mut first = None;
+        let mut window: Option<Pin<Box<Sleep>>> = None;
         // Relay circuits this peer asked for; they end with the session.
-        let mut circuits = tokio::task::JoinSet::new();
+        let mut circuits = JoinSet::new();
         loop {
-            tokio::select! {
-                frame = reader.next() => match frame {
-                    Some(Ok(ToTracker::Lookup { req, name })) => {
-                        let peer = self.shared.registry.lookup(&name);
-                        self.write(&mut writer, FromTracker::LookupReply { req, peer }).await?;
-                    }
-                    Some(Ok(ToTracker::Logout)) => return self.goodbye(&mut writer).await,
-                    Some(Ok(ToTracker::Connect { to })) => {
-                        if let Some(reply) = self.punch(&info, &to) {
-                            self.write(&mut writer, reply).await?;
-                        }
-                    }
-                    Some(Ok(frame @ (ToTracker::PublishSealKey(_)
-                    | ToTracker::SealKeyOf { .. }
-                    | ToTracker::Hold { .. }
-                    | ToTracker::HeldReceived { .. }
-                    | ToTracker::HeldRejected { .. }
-                    | ToTracker::NoticeSeen { .. }))) => {
-                        if let Some(reply) = self.mail(&name, frame)? {
-                            self.write(&mut writer, reply).await?;
-                        }
-                    }
-                    Some(Ok(_)) => return Err(End::Protocol("enrollment frame after enrollment")),
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(End::Eof),
-                },
-                // Presence is coalesced: the first change opens a window of
-                // PRESENCE_COALESCE during which this task does not wake for
-                // presence at all; then everything queued goes out in one flush.
-                event = presence.recv(), if flush_at.is_none() => {
-                    flush_at = Some(tokio::time::Instant::now() + PRESENCE_COALESCE);
-                    pending = Some(event);
-                }
-                () = sleep_until_or_never(flush_at), if flush_at.is_some() => {
-                    flush_at = None;
-                    if let Some(first) = pending.take() {
-                        self.forward_presence(&mut writer, &mut presence, joined.session, first)
-                            .await?;
+            let wake = tokio::select! {
+                frame = online.reader.next() => Wake::Frame(frame),
+                change = online.feed.recv(), if window.is_none() => {
+                    if coalesce.is_zero() {
+                        Wake::Presence(change)
+                    } else {
+                        window = Some(Box::pin(tokio::time::sleep(coalesce)));
+                        first = Some(change);
+                        continue;
                     }
                 }
-                Some(frame) = inbox.recv() => self.write(&mut writer, frame).await?,
+                () = elapsed(&mut window) => {
+                    window = None;
+                    match first.take() {
+                        Some(change) => Wake::Presence(change),
+                        None => continue,
+                    }
+                }
+                // Closed only when the session ends anyway.
+                Ok(frame) = online.inbox.recv() => Wake::Direct(frame),
                 stream = self.conn.accept_bi() => {
                     let (send, recv) = stream?;
-                    circuits.spawn(serve_circuit(self.shared.clone(), (name.clone(), self.id), send, recv));
+                    let me = (online.name.clone(), self.id);
+                    circuits.spawn(serve_circuit(self.shared.clone(), me, send, recv));
+                    continue;
                 }
-                Some(_) = circuits.join_next(), if !circuits.is_empty() => {}
-                () = replaced.cancelled() => {
-                    // Best effort: the peer may already be gone. The close
-                    // code says it too, should this frame not arrive.
-                    self.name = None;
-                    let _ = self.finish(&mut writer, FromTracker::Replaced).await;
-                    return Err(End::Replaced);
-                }
+                Some(_) = circuits.join_next(), if !circuits.is_empty() => continue,
+                () = online.replaced.cancelled() => Wake::Replaced,
                 () = shutdown.cancelled() => return Err(End::Shutdown),
                 e = self.conn.closed() => return Err(e.into()),
+            };
+            if let ControlFlow::Break(()) = Box::pin(self.handle(&mut online, wake)).await? {
+                return Ok(());
             }
         }
+    }
+
+    /// Does what one wake-up of [`Session::serve_online`] brought; `Break`
+    /// when the peer logged out.
+    async fn handle(&mut self, online: &mut Online, wake: Wake) -> Result<ControlFlow<()>, End> {
+        let writer = &mut online.writer;
+        match wake {
+            Wake::Frame(Some(Ok(frame))) => return self.request(online, frame).await,
+            Wake::Frame(Some(Err(e))) => return Err(e.into()),
+            Wake::Frame(None) => return Err(End::Eof),
+            Wake::Presence(first) => {
+                let forwarded = self.forward_presence(writer, &mut online.feed, first).await;
+                if let Err(Forward::Feed(FeedEnd::Closed)) = forwarded
+                    && online.replaced.is_cancelled()
+                {
+                    return self.replaced(writer).await;
+                }
+                forwarded.map_err(End::from)?;
+            }
+            Wake::Direct(frame) => self.write(writer, frame).await?,
+            Wake::Replaced => return self.replaced(writer).await,
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// Answers one request of an enrolled peer; `Break` after `Logout`.
+    async fn request(
+        &mut self,
+        online: &mut Online,
+        frame: ToTracker,
+    ) -> Result<ControlFlow<()>, End> {
+        let (name, session, writer) = (&online.name, online.session, &mut online.writer);
+        let reply = match frame {
+            ToTracker::Lookup { req, name } => {
+                let peer = self.shared.registry.lookup(&name);
+                Some(FromTracker::LookupReply { req, peer })
+            }
+            ToTracker::Subscribe { names } => {
+                self.subscribe(writer, (name, session), &names).await?;
+                None
+            }
+            ToTracker::Unsubscribe { names } => {
+                self.shared.registry.unsubscribe(name, session, &names);
+                None
+            }
+            ToTracker::ListPage { req, after, limit } => {
+                let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+                let (peers, more) = self.shared.registry.page(after.as_ref(), limit);
+                Some(FromTracker::ListPageReply { req, peers, more })
+            }
+            ToTracker::Logout => {
+                self.goodbye(writer).await?;
+                return Ok(ControlFlow::Break(()));
+            }
+            ToTracker::Connect { to } => self.punch(name, &to),
+            frame @ (ToTracker::PublishSealKey(_)
+            | ToTracker::SealKeyOf { .. }
+            | ToTracker::Hold { .. }
+            | ToTracker::HeldReceived { .. }
+            | ToTracker::HeldRejected { .. }
+            | ToTracker::NoticeSeen { .. }) => self.mail(name, frame)?,
+            _ => return Err(End::Protocol("enrollment frame after enrollment")),
+        };
+        if let Some(reply) = reply {
+            self.write(writer, reply).await?;
+        }
+        Ok(ControlFlow::Continue(()))
     }
 
     /// The mailbox requests of an enrolled peer: sealing keys, held
@@ -475,15 +602,20 @@ impl Session {
     /// Coordinates a hole punch between this peer and `to`: tells `to` to
     /// dial us and returns the frame that tells us to dial it, each delayed
     /// so both first packets leave together.
-    fn punch(&self, me: &PeerInfo, to: &Name) -> Option<FromTracker> {
+    fn punch(&self, me: &Name, to: &Name) -> Option<FromTracker> {
         let (target, target_conn) = self.shared.registry.online_peer(to)?;
         if target.id == self.id {
             return None;
         }
+        let me = self
+            .shared
+            .registry
+            .lookup(me)
+            .filter(|me| me.id == self.id)?;
         let (mine, theirs) = punch_delays(self.conn.rtt(), target_conn.rtt());
         debug!(%to, mine, theirs, "coordinating a hole punch");
         let tell_them = FromTracker::Punch {
-            peer: me.clone(),
+            peer: me,
             delay_ms: theirs,
         };
         if !self.shared.registry.push(&target.id, tell_them) {
@@ -513,7 +645,24 @@ impl Session {
         }
     }
 
-    async fn write(&self, writer: &mut Writer, frame: FromTracker) -> Result<(), End> {
+    /// Writes `frames` with a single flush, bounded by [`WRITE_TIMEOUT`].
+    async fn write_all(
+        &self,
+        writer: &mut Writer,
+        frames: impl IntoIterator<Item = FromTracker>,
+    ) -> Result<(), End> {
+        let mut frames = futures_util::stream::iter(frames.into_iter().map(Ok));
+        match timeout(WRITE_TIMEOUT, writer.send_all(&mut frames)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(End::Lagging),
+        }
+    }
+
+    /// Writes one frame (or an already encoded one), bounded by [`WRITE_TIMEOUT`].
+    async fn write<T>(&self, writer: &mut Writer, frame: T) -> Result<(), End>
+    where
+        Writer: futures_util::Sink<T, Error = FrameError>,
+    {
         match timeout(WRITE_TIMEOUT, writer.send(frame)).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(End::Lagging),
@@ -522,48 +671,80 @@ impl Session {
 
     /// Forwards `first` and every change queued behind it with a single
     /// flush: one QUIC write (and usually one packet) per peer per
-    /// [`PRESENCE_COALESCE`] window, however many peers joined in it.
+    /// coalescing window ([`Feed::window`]), however many peers joined in it.
     async fn forward_presence(
         &self,
         writer: &mut Writer,
-        presence: &mut broadcast::Receiver<PresenceEvent>,
-        me: SessionId,
-        first: Result<PresenceEvent, RecvError>,
-    ) -> Result<(), End> {
+        feed: &mut Feed,
+        first: Result<Encoded<FromTracker>, FeedEnd>,
+    ) -> Result<(), Forward> {
         let mut next = Some(first);
         let mut fed = 0;
-        while let Some(event) = next.take() {
-            match event {
-                Ok(event) if event.origin == me => {}
-                Ok(event) => {
-                    match timeout(WRITE_TIMEOUT, writer.feed(event.frame)).await {
-                        Ok(result) => result?,
-                        Err(_) => return Err(End::Lagging),
-                    }
-                    fed += 1;
+        while let Some(frame) = next.take() {
+            let frame = frame.inspect_err(|end| {
+                if *end == FeedEnd::Lagged {
+                    warn!("peer fell behind on presence");
                 }
-                Err(RecvError::Lagged(n)) => {
-                    warn!(missed = n, "peer fell behind on presence");
-                    return Err(End::Lagging);
-                }
-                Err(RecvError::Closed) => return Err(End::Shutdown),
+            })?;
+            match timeout(WRITE_TIMEOUT, writer.feed(frame)).await {
+                Ok(result) => result.map_err(|e| Forward::Write(e.into()))?,
+                Err(_) => return Err(Forward::Write(End::Lagging)),
             }
-            // Bounded by PRESENCE_BACKLOG: past it the receiver reports Lagged.
-            next = match presence.try_recv() {
-                Ok(event) => Some(Ok(event)),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
-                Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
-            };
+            fed += 1;
+            // Bounded by PRESENCE_BACKLOG: past it the feed reports the end.
+            next = feed.try_recv();
         }
         if fed > 0 {
             let flush = SinkExt::<Encoded<FromTracker>>::flush(writer);
             match timeout(WRITE_TIMEOUT, flush).await {
-                Ok(result) => result?,
-                Err(_) => return Err(End::Lagging),
+                Ok(result) => result.map_err(|e| Forward::Write(e.into()))?,
+                Err(_) => return Err(Forward::Write(End::Lagging)),
             }
         }
         Ok(())
+    }
+
+    /// Registers what `me` (its name and session) now follows, and answers
+    /// with the online entries among `names`, in pages.
+    async fn subscribe(
+        &self,
+        writer: &mut Writer,
+        me: (&Name, SessionId),
+        names: &[Name],
+    ) -> Result<(), End> {
+        let online = self.shared.registry.subscribe(me.0, me.1, names)?;
+        self.write_pages(writer, online, |peers, last| FromTracker::Subscribed {
+            peers,
+            last,
+        })
+        .await
+    }
+
+    /// Writes `peers` in pages of at most [`LIST_PAGE`] entries (one empty
+    /// page when there are none), the last one marked.
+    async fn write_pages(
+        &self,
+        writer: &mut Writer,
+        mut peers: Vec<PeerInfo>,
+        page: impl Fn(Vec<PeerInfo>, bool) -> FromTracker,
+    ) -> Result<(), End> {
+        loop {
+            let rest = peers.split_off(peers.len().min(LIST_PAGE));
+            let last = rest.is_empty();
+            self.write(writer, page(peers, last)).await?;
+            if last {
+                return Ok(());
+            }
+            peers = rest;
+        }
+    }
+
+    /// A newer session of the same key took over: say so (best effort: the
+    /// peer may already be gone; the close code says it too) and end.
+    async fn replaced<T>(&mut self, writer: &mut Writer) -> Result<T, End> {
+        self.name = None;
+        let _ = self.finish(writer, FromTracker::Replaced).await;
+        Err(End::Replaced)
     }
 
     /// Sends the last frame, then gives the peer [`LINGER`] to read it and
@@ -575,7 +756,8 @@ impl Session {
         Ok(())
     }
 
-    async fn reject(&self, writer: &mut Writer, reason: RejectReason) -> Result<(), End> {
+    /// Refuses the enrollment: sends `Reject` and ends the session.
+    async fn reject<T>(&self, writer: &mut Writer, reason: RejectReason) -> Result<T, End> {
         info!(%reason, "enrollment rejected");
         self.finish(writer, FromTracker::Reject { reason }).await?;
         Err(End::Rejected(reason))
@@ -591,10 +773,10 @@ impl Session {
     }
 }
 
-/// Sleeps until `at`, or forever when there is no deadline.
-async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+/// Waits for `timer` to fire, or forever when there is none.
+async fn elapsed(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
         None => std::future::pending().await,
     }
 }

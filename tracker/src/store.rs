@@ -119,12 +119,11 @@ impl SqliteNames {
         now: u64,
     ) -> Result<Result<(), BindError>, StoreError> {
         let existing: Option<(Vec<u8>, i64)> = db
-            .query_row(
-                "SELECT peer_id, last_seen FROM bindings WHERE name_key = ?1",
-                params![name.key()],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .optional()
+            .prepare_cached("SELECT peer_id, last_seen FROM bindings WHERE name_key = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![name.key()], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()
+            })
             .map_err(|e| self.err(e))?;
         if let Some((key, last_seen)) = existing
             && key.as_slice() != id.0.as_slice()
@@ -153,17 +152,32 @@ impl NameStore for SqliteNames {
     }
 
     fn bind(&self, name: &Name, id: PeerId, now: u64) -> Result<Result<(), BindError>, StoreError> {
-        let db = self.lock();
-        if let Err(e) = self.check_locked(&db, name, id, now)? {
-            return Ok(Err(e));
-        }
-        db.execute(
-            "INSERT INTO bindings (name_key, name, peer_id, last_seen) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(name_key) DO UPDATE SET name = ?2, peer_id = ?3, last_seen = ?4",
-            params![name.key(), name.as_str(), &id.0[..], sql_time(now)],
-        )
-        .map_err(|e| self.err(e))?;
-        Ok(Ok(()))
+        // The check and the write in one statement (one per enrollment): a
+        // row bound to another key and used within the retention time is
+        // left alone, and then no row changes.
+        let unused_since = sql_time(now.saturating_sub(self.retention.as_secs()));
+        let changed = self
+            .lock()
+            .prepare_cached(
+                "INSERT INTO bindings (name_key, name, peer_id, last_seen) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name_key) DO UPDATE SET name = ?2, peer_id = ?3, last_seen = ?4
+                 WHERE bindings.peer_id = ?3 OR bindings.last_seen <= ?5",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    name.key(),
+                    name.as_str(),
+                    &id.0[..],
+                    sql_time(now),
+                    unused_since
+                ])
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(if changed == 1 {
+            Ok(())
+        } else {
+            Err(BindError::BoundToOtherKey)
+        })
     }
 
     fn bound(&self, name: &Name) -> Result<Option<(Name, PeerId)>, StoreError> {
@@ -186,10 +200,10 @@ impl NameStore for SqliteNames {
 
     fn touch(&self, name: &Name, id: PeerId, now: u64) -> Result<(), StoreError> {
         self.lock()
-            .execute(
+            .prepare_cached(
                 "UPDATE bindings SET last_seen = ?3 WHERE name_key = ?1 AND peer_id = ?2",
-                params![name.key(), &id.0[..], sql_time(now)],
             )
+            .and_then(|mut stmt| stmt.execute(params![name.key(), &id.0[..], sql_time(now)]))
             .map_err(|e| self.err(e))?;
         Ok(())
     }

@@ -19,6 +19,22 @@ fn bad_listen_address_exits_2_naming_the_flag() {
 }
 
 #[test]
+fn bad_presence_mode_exits_2_naming_the_flag_and_the_choices() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tracker"))
+        .args(["--listen", "127.0.0.1:0", "--presence", "everyone"])
+        .output()
+        .expect("run tracker");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = stderr.lines().next().unwrap_or("");
+    assert!(first.contains("--presence"), "{stderr}");
+    assert!(
+        stderr.contains("broadcast") && stderr.contains("subscribe"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn unusable_data_dir_is_a_clear_error() {
     let file = tempfile::NamedTempFile::new().expect("temp file");
     // A regular file where the data directory should be.
