@@ -260,6 +260,18 @@ async fn a_raw_follower_hears_its_names_in_order_and_can_unsubscribe() -> Result
             names: vec![Name::parse("carol")?],
         })
         .await?;
+    // Unsubscribe has no answer; the tracker reads a peer's frames in order,
+    // so once a lookup sent after it is answered, it has been done.
+    me.writer
+        .send(ToTracker::Lookup {
+            req: 1,
+            name: Name::parse("carol")?,
+        })
+        .await?;
+    frame_where(&mut me.reader, "the lookup reply", |f| {
+        matches!(f, FromTracker::LookupReply { req: 1, .. })
+    })
+    .await?;
     carol.command(json!({"cmd": "logout"})).await?;
     carol.wait_exit(WAIT).await?;
     me.writer

@@ -37,6 +37,14 @@ use crate::{
 
 /// Longest wait for each enrollment step (handshake, Hello, Thanks).
 pub const ENROLL_STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Initial room in a session's framing buffers. Enrollment frames are small
+/// (a page of the client list grows the buffer for itself), and the
+/// framing's default of 8 KiB each, allocated for every connection, showed
+/// up in the tracker's profile while thousands of peers enrolled.
+pub const FRAME_BUFFER: usize = 512;
+/// Bytes of frames gathered before a write goes to the stream without a
+/// flush (presence fan-out feeds several frames, then flushes once).
+pub const WRITE_BATCH: usize = 8 * 1024;
 /// Longest a write to one peer may block before the peer is dropped as a laggard.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After Reject or Goodbye, how long the tracker waits for the peer to close
@@ -228,8 +236,9 @@ impl Session {
     /// Steps 1 to 6 of enrollment, then what waited for this peer.
     async fn enroll(&mut self) -> Result<Online, End> {
         let (send, recv) = step("the control stream", self.conn.accept_bi()).await??;
-        let mut reader: Reader = FramedRead::new(recv, Codec::default());
-        let mut writer: Writer = FramedWrite::new(send, Codec::default());
+        let mut reader: Reader = FramedRead::with_capacity(recv, Codec::default(), FRAME_BUFFER);
+        let mut writer: Writer = FramedWrite::with_capacity(send, Codec::default(), FRAME_BUFFER);
+        writer.set_backpressure_boundary(WRITE_BATCH);
 
         // 1. hello
         let (name, local_addrs) = match step("Hello", reader.next()).await? {
@@ -346,10 +355,9 @@ impl Session {
             Err(e) => warn!(error = %e, "cannot read the mailbox"),
         }
 
-        // The list pages grew the write buffer to a page's size, and both
-        // framing buffers start at 8 KiB; from here on an online peer only
-        // gets small presence frames and sends small requests, so give that
-        // memory back (it was most of the tracker's memory per peer).
+        // The list pages may have grown the write buffer to a page's size;
+        // from here on an online peer only gets small presence frames and
+        // sends small requests, so give that memory back.
         *writer.write_buffer_mut() = BytesMut::new();
         if reader.read_buffer().is_empty() {
             *reader.read_buffer_mut() = BytesMut::new();
