@@ -271,7 +271,7 @@ async fn direct_figures(opts: &Options, dir: &Path, report: &mut Report) -> Resu
     report.note(format!(
         "direct_throughput: {} pipelined {}-byte messages alice → bob, each acknowledged \
          (bob was shown {shown} messages in all, {direct_relayed} came back over a relay); each is \
-         persisted (outbox and history in peer.db, SQLite WAL) on both sides; raw: {} postcard ToReceiver::Msg frames with a {}-byte body written in \
+         persisted on both sides (peer.journal at once, outbox and history in peer.db by group commit); raw: {} postcard ToReceiver::Msg frames with a {}-byte body written in \
          {} KiB batches on one stream, each decoded by the receiver, one reply at the end \
          ({:.0} MiB/s of frames)",
         opts.tput_messages,
