@@ -189,8 +189,14 @@ impl Inner {
         sent_at_ms: u64,
         path: Path,
     ) -> Result<BoxFuture<'static, ()>, StoreError> {
-        if self.store.receive(from_id, id)? == Incoming::Shown {
-            return Ok(Box::pin(std::future::ready(())));
+        match self.store.receive(from_id, id)? {
+            Incoming::Shown => return Ok(Box::pin(std::future::ready(()))),
+            Incoming::Showing(first_copy) => {
+                return Ok(Box::pin(async move {
+                    let _ = first_copy.await;
+                }));
+            }
+            Incoming::New | Incoming::NotShown => {}
         }
         let row = ShownMessage {
             from_id,

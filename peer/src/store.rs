@@ -123,15 +123,27 @@ pub struct ShownMessage {
 }
 
 /// What the dedupe rule says about an incoming message id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Incoming {
     /// Never seen: show it.
     New,
-    /// Seen, but not yet on screen: the first copy is still on its way to
-    /// the front end, or (a database of an older version) the process
-    /// stopped before showing it. Show it.
+    /// Recorded but not shown (a database of an older version, whose
+    /// process stopped before showing it): show it.
     NotShown,
+    /// Another copy (a resend on a new link, or the held copy) is on its
+    /// way to the front end right now: do not show this one; acknowledge
+    /// it once this resolves, when the first copy is on screen.
+    Showing(oneshot::Receiver<()>),
     /// Shown already: acknowledge only.
+    Shown,
+}
+
+/// A received id whose row is not committed yet.
+enum Fresh {
+    /// Handed to the front end, not yet on screen; copies that arrived
+    /// meanwhile wait for it here.
+    Showing(Vec<oneshot::Sender<()>>),
+    /// On screen; its row follows in the next commit.
     Shown,
 }
 
@@ -268,8 +280,8 @@ pub struct Store {
     thread: Mutex<Option<JoinHandle<()>>>,
     read: Mutex<Connection>,
     ledger: Arc<Mutex<HashMap<MessageId, Entry>>>,
-    /// Received ids whose latest write is not committed, and whether shown.
-    fresh: Arc<Mutex<HashMap<ReceivedKey, bool>>>,
+    /// Received ids being shown, or shown and not yet committed.
+    fresh: Arc<Mutex<HashMap<ReceivedKey, Fresh>>>,
     keys: Mutex<HashMap<String, Known>>,
 }
 
@@ -874,24 +886,30 @@ impl Store {
         let mut fresh = locked(&self.fresh);
         // Memory first: an entry leaves it only after its row committed,
         // so a miss here means the read connection sees every write.
-        let shown = match fresh.get(&key) {
-            Some(shown) => Some(*shown),
-            None => self
-                .read()
-                .prepare_cached("SELECT shown FROM received WHERE from_id = ?1 AND id = ?2")
-                .and_then(|mut s| {
-                    s.query_row(params![&from_id.0[..], &id.0[..]], |r| r.get(0))
-                        .optional()
-                })
-                .map_err(|e| self.err(e))?,
-        };
-        Ok(match shown {
-            Some(true) => Incoming::Shown,
-            Some(false) => Incoming::NotShown,
-            None => {
-                fresh.insert(key, false);
-                Incoming::New
+        match fresh.get_mut(&key) {
+            Some(Fresh::Shown) => return Ok(Incoming::Shown),
+            Some(Fresh::Showing(waiting)) => {
+                let (tx, rx) = oneshot::channel();
+                waiting.push(tx);
+                return Ok(Incoming::Showing(rx));
             }
+            None => {}
+        }
+        let shown: Option<bool> = self
+            .read()
+            .prepare_cached("SELECT shown FROM received WHERE from_id = ?1 AND id = ?2")
+            .and_then(|mut s| {
+                s.query_row(params![&from_id.0[..], &id.0[..]], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(|e| self.err(e))?;
+        if shown == Some(true) {
+            return Ok(Incoming::Shown);
+        }
+        fresh.insert(key, Fresh::Showing(Vec::new()));
+        Ok(match shown {
+            Some(_) => Incoming::NotShown,
+            None => Incoming::New,
         })
     }
 
@@ -899,7 +917,11 @@ impl Store {
     /// marked shown), in the next commit: at most [`STORE_LINGER`] later.
     pub fn mark_shown(&self, msg: ShownMessage) {
         let key = (msg.from_id, msg.id);
-        locked(&self.fresh).insert(key, true);
+        if let Some(Fresh::Showing(waiting)) = locked(&self.fresh).insert(key, Fresh::Shown) {
+            for copy in waiting {
+                let _ = copy.send(());
+            }
+        }
         let record = Record::Shown {
             from_id: msg.from_id,
             from: msg.from,
@@ -923,7 +945,7 @@ impl Store {
                 if ok && journaled {
                     journal.committed();
                 }
-                forget_fresh(&fresh, key, true);
+                forget_fresh(&fresh, key);
             },
         );
     }
@@ -1062,9 +1084,9 @@ impl Drop for Store {
 /// newer write for it is pending. From then on the database answers for
 /// it; if the write failed, the database does not know the id and a resend
 /// is shown (and recorded) again: shown twice rather than lost.
-fn forget_fresh(fresh: &Mutex<HashMap<ReceivedKey, bool>>, key: ReceivedKey, shown: bool) {
+fn forget_fresh(fresh: &Mutex<HashMap<ReceivedKey, Fresh>>, key: ReceivedKey) {
     let mut fresh = locked(fresh);
-    if fresh.get(&key) == Some(&shown) {
+    if matches!(fresh.get(&key), Some(Fresh::Shown)) {
         fresh.remove(&key);
     }
 }
@@ -1166,22 +1188,26 @@ mod tests {
         let id = MessageId([9; 16]);
         {
             let s = open(&dir);
-            assert_eq!(s.receive(alice, id).unwrap(), Incoming::New);
-            // Seen, not yet on screen (a copy on its way to the front end,
-            // or the process could stop here): shown again.
-            assert_eq!(s.receive(alice, id).unwrap(), Incoming::NotShown);
+            assert!(matches!(s.receive(alice, id).unwrap(), Incoming::New));
+            // A second copy while the first is on its way to the front end:
+            // not shown; its ack waits for the first copy's screen.
+            let Incoming::Showing(mut first_copy) = s.receive(alice, id).unwrap() else {
+                panic!("a second copy must wait for the first");
+            };
+            assert!(first_copy.try_recv().is_err());
             s.mark_shown(shown(alice, "alice", id, "hi"));
+            assert!(first_copy.try_recv().is_ok());
             // Before its row is committed (memory) ...
-            assert_eq!(s.receive(alice, id).unwrap(), Incoming::Shown);
+            assert!(matches!(s.receive(alice, id).unwrap(), Incoming::Shown));
             s.outbox().await.unwrap();
             // ... and after (the row).
-            assert_eq!(s.receive(alice, id).unwrap(), Incoming::Shown);
+            assert!(matches!(s.receive(alice, id).unwrap(), Incoming::Shown));
             s.close().await;
         }
         let s = open(&dir);
-        assert_eq!(s.receive(alice, id).unwrap(), Incoming::Shown);
+        assert!(matches!(s.receive(alice, id).unwrap(), Incoming::Shown));
         // Another sender reusing the id cannot suppress alice's message or be suppressed.
-        assert_eq!(s.receive(mallory, id).unwrap(), Incoming::New);
+        assert!(matches!(s.receive(mallory, id).unwrap(), Incoming::New));
     }
 
     #[tokio::test]
@@ -1191,12 +1217,12 @@ mod tests {
         let id = MessageId([9; 16]);
         {
             let s = open(&dir);
-            assert_eq!(s.receive(alice, id).unwrap(), Incoming::New);
+            assert!(matches!(s.receive(alice, id).unwrap(), Incoming::New));
             s.close().await;
         }
         // The process stopped before showing it: the resend is new.
         let s = open(&dir);
-        assert_eq!(s.receive(alice, id).unwrap(), Incoming::New);
+        assert!(matches!(s.receive(alice, id).unwrap(), Incoming::New));
         assert!(s.history(&name("alice"), 10).await.unwrap().is_empty());
     }
 
@@ -1232,7 +1258,7 @@ mod tests {
         assert_eq!(outbox.len(), 1);
         assert_eq!(outbox[0].body, "typed just before the crash");
         // The resend of the shown message is recognised: not shown again.
-        assert_eq!(s.receive(alice, id).unwrap(), Incoming::Shown);
+        assert!(matches!(s.receive(alice, id).unwrap(), Incoming::Shown));
         s.close().await;
         assert_eq!(
             std::fs::metadata(dir.path().join("peer.journal"))
