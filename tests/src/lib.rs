@@ -33,6 +33,18 @@ const KEEP_LINES: usize = 200;
 /// Unmatched lines kept per process for later expectations.
 const MAX_BACKLOG: usize = 100_000;
 
+/// The names in a JSON reply or event's `peers` array, sorted.
+pub fn peer_names(v: &Value) -> Vec<String> {
+    let mut names: Vec<String> = v["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
 /// Path of a workspace binary built alongside the running test.
 pub fn binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the test executable")?;

@@ -18,6 +18,15 @@ use crate::WAIT;
 pub type TrackerReader = FramedRead<quinn::RecvStream, Codec<FromTracker, ()>>;
 pub type TrackerWriter = FramedWrite<quinn::SendStream, Codec<(), ToTracker>>;
 
+/// Waits for the remote to close `conn` and returns its application code.
+pub async fn closed_with(conn: &Connection) -> Result<u64> {
+    match tokio::time::timeout(WAIT, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => Ok(c.error_code.into_inner()),
+        Ok(other) => bail!("closed, but not by the application: {other}"),
+        Err(_) => bail!("the remote did not close the connection within {WAIT:?}"),
+    }
+}
+
 /// Connects to `addr` with `identity`, speaking `alpn`, accepting only
 /// `expected` as the server's key (any key when `None`).
 pub async fn connect_as(

@@ -4,19 +4,8 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use serde_json::{Value, json};
-use tincan_tests::{Mode, Peer, PeerOpts, Tracker, WAIT};
-
-fn names(list: &Value) -> Vec<String> {
-    let mut names: Vec<String> = list["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["name"].as_str().map(str::to_string))
-        .collect();
-    names.sort();
-    names
-}
+use serde_json::json;
+use tincan_tests::{Mode, Peer, PeerOpts, Tracker, WAIT, peer_names};
 
 #[tokio::test]
 async fn enroll_gives_newcomer_the_full_list_and_others_one_delta() -> Result<()> {
@@ -26,12 +15,12 @@ async fn enroll_gives_newcomer_the_full_list_and_others_one_delta() -> Result<()
     assert_eq!(enrolled["name"], "alice");
     assert_eq!(enrolled["peer_id"].as_str().map(str::len), Some(64));
     let list = alice.expect_event("client_list", |_| true).await?;
-    assert_eq!(names(&list), ["alice"]);
+    assert_eq!(peer_names(&list), ["alice"]);
 
     let mut bob = PeerOpts::new("bob", &tracker, Mode::Json).spawn()?;
     bob.expect_event("enrolled", |_| true).await?;
     let list = bob.expect_event("client_list", |_| true).await?;
-    assert_eq!(names(&list), ["alice", "bob"]);
+    assert_eq!(peer_names(&list), ["alice", "bob"]);
 
     let delta = alice
         .expect_event("presence", |v| v["name"] == "bob")
@@ -40,7 +29,7 @@ async fn enroll_gives_newcomer_the_full_list_and_others_one_delta() -> Result<()
 
     // /who agrees on both sides.
     let who = alice.command(json!({"cmd": "who"})).await?;
-    assert_eq!(names(&who), ["alice", "bob"]);
+    assert_eq!(peer_names(&who), ["alice", "bob"]);
     Ok(())
 }
 
@@ -145,7 +134,7 @@ async fn logout_says_goodbye_and_everyone_sees_it() -> Result<()> {
     bob.expect_event("presence", |v| v["name"] == "alice" && v["online"] == false)
         .await?;
     let who = bob.command(json!({"cmd": "who"})).await?;
-    assert_eq!(names(&who), ["bob"]);
+    assert_eq!(peer_names(&who), ["bob"]);
 
     // JSON logout replies, then the process exits 0.
     let reply = bob.command(json!({"cmd": "logout"})).await?;
@@ -182,7 +171,9 @@ async fn known_peer_still_gets_messages_directly_when_the_tracker_dies() -> Resu
     let mut bob = Peer::start_text("bob", &tracker).await?;
     let mut alice = Peer::start_json("alice", &tracker).await?;
     alice
-        .expect_event("client_list", |v| names(v).contains(&"bob".to_string()))
+        .expect_event("client_list", |v| {
+            peer_names(v).contains(&"bob".to_string())
+        })
         .await?;
     // Both know each other (bob has heard of alice) before the tracker dies.
     bob.expect_line("alice's arrival", |l| l == "* alice is online")

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
-use quinn::{Connection, ConnectionError};
+use quinn::Connection;
 use tincan_proto::{
     ALPN_PEER, ALPN_TRACKER, Codec, MessageId, Name, PeerId, close,
     peer::{Refusal, ToReceiver, ToSender},
@@ -16,21 +16,12 @@ use tincan_proto::{
 };
 use tincan_tests::{
     Mode, Peer, PeerOpts, Tracker, WAIT,
-    raw::{connect_as, enroll, frame_where},
+    raw::{closed_with, connect_as, enroll, frame_where},
 };
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 async fn connect(addr: &str, alpn: &[u8], expected: Option<PeerId>) -> Result<Connection> {
     connect_as(&Identity::generate()?, addr, alpn, expected).await
-}
-
-/// Waits for the remote to close `conn` and returns its application code.
-async fn closed_with(conn: &Connection) -> Result<u64> {
-    match tokio::time::timeout(WAIT, conn.closed()).await {
-        Ok(ConnectionError::ApplicationClosed(c)) => Ok(c.error_code.into_inner()),
-        Ok(other) => bail!("closed, but not by the application: {other}"),
-        Err(_) => bail!("the remote did not close the connection within {WAIT:?}"),
-    }
 }
 
 #[tokio::test]

@@ -8,7 +8,6 @@ use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use futures_util::SinkExt;
-use quinn::{Connection, ConnectionError};
 use serde_json::{Value, json};
 use tincan_proto::{
     Name, close,
@@ -16,23 +15,14 @@ use tincan_proto::{
     tracker::{FromTracker, PresenceChange, ToTracker},
 };
 use tincan_tests::{
-    Mode, Peer, PeerOpts, Tracker, WAIT,
-    raw::{Following, enroll_following, frame_where, hello_thanks, next_frame, subscribed},
+    Mode, Peer, PeerOpts, Tracker, WAIT, peer_names,
+    raw::{
+        Following, closed_with, enroll_following, frame_where, hello_thanks, next_frame, subscribed,
+    },
 };
 
 async fn subscribe_tracker() -> Result<Tracker> {
     Tracker::start_with(&["--presence", "subscribe"]).await
-}
-
-fn names(v: &Value) -> Vec<String> {
-    let mut names: Vec<String> = v["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["name"].as_str().map(str::to_string))
-        .collect();
-    names.sort();
-    names
 }
 
 /// Every line the peer printed that no expectation consumed yet, up to the
@@ -44,15 +34,6 @@ async fn unconsumed(peer: &mut Peer) -> Vec<Value> {
         out.push(v);
     }
     out
-}
-
-/// Waits for the remote to close `conn` and returns its application code.
-async fn closed_with(conn: &Connection) -> Result<u64> {
-    match tokio::time::timeout(WAIT, conn.closed()).await {
-        Ok(ConnectionError::ApplicationClosed(c)) => Ok(c.error_code.into_inner()),
-        Ok(other) => bail!("closed, but not by the application: {other}"),
-        Err(_) => bail!("the remote did not close the connection within {WAIT:?}"),
-    }
 }
 
 #[tokio::test]
@@ -67,7 +48,11 @@ async fn a_peer_hears_the_names_it_follows_and_no_others() -> Result<()> {
     let mut alice = PeerOpts::new("alice", &tracker, Mode::Json).spawn()?;
     let list = alice.expect_event("client_list", |_| true).await?;
     assert_eq!(list["presence"], "subscribe");
-    assert_eq!(names(&list), ["alice"], "no full list in subscribe mode");
+    assert_eq!(
+        peer_names(&list),
+        ["alice"],
+        "no full list in subscribe mode"
+    );
 
     // A name alice never heard of: looked up, reached directly, and followed.
     let id = alice.send("bob", "hi bob").await?;
@@ -130,7 +115,7 @@ async fn a_restarted_peer_follows_the_names_it_knows_and_both_directions_work() 
         .dir(alice_dir.path())
         .spawn()?;
     let list = alice.expect_event("client_list", |_| true).await?;
-    assert_eq!(names(&list), ["alice", "bob"]);
+    assert_eq!(peer_names(&list), ["alice", "bob"]);
 
     // bob heard alice's message, so he follows her: he sees her come back,
     // and can write to her (text front end).
