@@ -330,14 +330,6 @@ const SCHEMA: &str = "PRAGMA journal_mode = WAL;
          pending_key BLOB
      );";
 
-fn peer_id(bytes: &[u8]) -> Option<PeerId> {
-    <[u8; 32]>::try_from(bytes).ok().map(PeerId)
-}
-
-fn message_id(bytes: &[u8]) -> Option<MessageId> {
-    <[u8; 16]>::try_from(bytes).ok().map(MessageId)
-}
-
 /// The unfinished outgoing messages, oldest first.
 fn open_messages(db: &Connection) -> rusqlite::Result<Vec<Pending>> {
     let mut stmt = db.prepare_cached(
@@ -359,7 +351,7 @@ fn open_messages(db: &Connection) -> rusqlite::Result<Vec<Pending>> {
     for row in rows {
         let (id, to, body, sent_at_ms, state, path, reason) = row?;
         let (Some(id), Ok(to), Some(state)) = (
-            message_id(&id),
+            MessageId::from_bytes(&id),
             Name::parse(&to),
             State::from_columns(&state, path.as_deref(), reason.as_deref()),
         ) else {
@@ -390,8 +382,8 @@ fn known_keys(db: &Connection) -> rusqlite::Result<HashMap<String, Known>> {
     for row in rows {
         let (name_key, name, key, pending) = row?;
         // A row this peer wrote holds a valid name and key; skip anything else.
-        if let (Ok(name), Some(key)) = (Name::parse(&name), peer_id(&key)) {
-            let pending = pending.as_deref().and_then(peer_id);
+        if let (Ok(name), Some(key)) = (Name::parse(&name), PeerId::from_bytes(&key)) {
+            let pending = pending.as_deref().and_then(PeerId::from_bytes);
             out.insert(name_key, Known { name, key, pending });
         }
     }
@@ -426,7 +418,7 @@ fn history_rows(db: &Connection, with: &str, limit: usize) -> rusqlite::Result<V
     let mut out = Vec::new();
     for row in rows {
         let (id, outgoing, with, body, at_ms, state, path, reason) = row?;
-        let Some(id) = message_id(&id) else {
+        let Some(id) = MessageId::from_bytes(&id) else {
             continue;
         };
         out.push(HistoryEntry {
@@ -697,7 +689,7 @@ impl Store {
             .prepare_cached("SELECT key FROM tracker_keys WHERE tracker = ?1")
             .and_then(|mut s| s.query_row(params![tracker], |row| row.get(0)).optional())
             .map_err(|e| self.err(e))?;
-        Ok(key.as_deref().and_then(peer_id))
+        Ok(key.as_deref().and_then(PeerId::from_bytes))
     }
 
     pub async fn pin_tracker_key(&self, tracker: &str, key: PeerId) -> Result<(), StoreError> {

@@ -19,6 +19,11 @@ impl PeerId {
         parts.join(":")
     }
 
+    /// The key stored as raw bytes (a database column); `None` unless 32 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        <[u8; 32]>::try_from(bytes).ok().map(Self)
+    }
+
     /// Parses the 64-character hex form printed by `Display`.
     pub fn from_hex(s: &str) -> Result<Self, IdParseError> {
         let mut out = [0u8; 32];
@@ -55,6 +60,11 @@ impl MessageId {
             .fill(&mut out)
             .unwrap_or_else(|_| panic!("operating system random source unavailable"));
         Self(out)
+    }
+
+    /// The id stored as raw bytes (a database column); `None` unless 16 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        <[u8; 16]>::try_from(bytes).ok().map(Self)
     }
 
     /// Parses the 32-character hex form printed by `Display`.

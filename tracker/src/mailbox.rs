@@ -28,14 +28,6 @@ fn sql_time(secs: u64) -> i64 {
     i64::try_from(secs).unwrap_or(i64::MAX)
 }
 
-fn id32(bytes: Vec<u8>) -> Option<PeerId> {
-    <[u8; 32]>::try_from(bytes.as_slice()).ok().map(PeerId)
-}
-
-fn id16(bytes: Vec<u8>) -> Option<MessageId> {
-    <[u8; 16]>::try_from(bytes.as_slice()).ok().map(MessageId)
-}
-
 pub struct Mailbox {
     db: Mutex<Connection>,
     path: String,
@@ -219,9 +211,11 @@ impl Mailbox {
         let mut found = Vec::new();
         for row in rows {
             let (rowid, from, from_id, id, stored_at, sealed) = row.map_err(|e| self.err(e))?;
-            if let (Ok(from), Some(from_id), Some(id)) =
-                (Name::parse(&from), id32(from_id), id16(id))
-            {
+            if let (Ok(from), Some(from_id), Some(id)) = (
+                Name::parse(&from),
+                PeerId::from_bytes(&from_id),
+                MessageId::from_bytes(&id),
+            ) {
                 let stored_at = u64::try_from(stored_at).unwrap_or(0);
                 let message = HeldMessage {
                     from,
@@ -334,7 +328,11 @@ impl Mailbox {
         };
         let mut out = Vec::new();
         for (from_id, id, to) in expired {
-            if let (Some(sender), Some(id), Ok(to)) = (id32(from_id), id16(id), Name::parse(&to)) {
+            if let (Some(sender), Some(id), Ok(to)) = (
+                PeerId::from_bytes(&from_id),
+                MessageId::from_bytes(&id),
+                Name::parse(&to),
+            ) {
                 let notice = Notice {
                     id,
                     to,

@@ -190,12 +190,7 @@ impl NameStore for SqliteNames {
             )
             .optional()
             .map_err(|e| self.err(e))?;
-        Ok(row.and_then(|(n, key)| {
-            Some((
-                Name::parse(&n).ok()?,
-                PeerId(key.as_slice().try_into().ok()?),
-            ))
-        }))
+        Ok(row.and_then(|(n, key)| Some((Name::parse(&n).ok()?, PeerId::from_bytes(&key)?))))
     }
 
     fn touch(&self, name: &Name, id: PeerId, now: u64) -> Result<(), StoreError> {
