@@ -254,8 +254,10 @@ impl Jobs {
                 break;
             }
         }
+        // Only `close` ends the wait with nothing queued: `urgent` is set
+        // with a job, and only this thread takes jobs out.
         if q.jobs.is_empty() {
-            return if q.closed { None } else { Some(Vec::new()) };
+            return None;
         }
         let n = q.jobs.len().min(STORE_BATCH);
         let batch: Vec<Job> = q.jobs.drain(..n).collect();
@@ -520,9 +522,6 @@ fn replay(db: &Connection, records: &[Record]) -> rusqlite::Result<()> {
 fn run_writer(db: Connection, jobs: Arc<Jobs>, path: String) {
     let mut after: Vec<AfterCommit> = Vec::new();
     while let Some(batch) = jobs.next_batch() {
-        if batch.is_empty() {
-            continue;
-        }
         let began = db.execute_batch("BEGIN");
         for job in batch {
             after.extend(job(&db));
@@ -771,6 +770,7 @@ impl Store {
     }
 
     /// The current state of an outgoing message.
+    #[cfg(test)]
     pub fn state(&self, id: MessageId) -> Result<Option<State>, StoreError> {
         if let Some(e) = locked(&self.ledger).get(&id) {
             return Ok(Some(e.state.clone()));
@@ -1072,10 +1072,9 @@ impl Drop for Store {
     }
 }
 
-/// After a received row's write ended: drop its in-memory entry unless a
-/// newer write for it is pending. From then on the database answers for
-/// it; if the write failed, the database does not know the id and a resend
-/// is shown (and recorded) again: shown twice rather than lost.
+/// After a shown message's row was written: the database answers for it
+/// from now on (if the write failed, the journal still has it for the next
+/// start; in this run a resend is shown again: twice rather than lost).
 fn forget_fresh(fresh: &Mutex<HashMap<ReceivedKey, Fresh>>, key: ReceivedKey) {
     let mut fresh = locked(fresh);
     if matches!(fresh.get(&key), Some(Fresh::Shown)) {
