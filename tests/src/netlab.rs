@@ -319,21 +319,8 @@ impl Lab {
     /// Runs a command inside a namespace of the lab; returns its stdout.
     pub async fn exec(&self, ns: &str, args: &[&str]) -> Result<String> {
         let mut cmd = Command::new(&self.ip);
-        cmd.args(["netns", "exec", ns])
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        let out = timeout(EXEC_TIMEOUT, cmd.output())
-            .await
-            .with_context(|| format!("{args:?} in {ns} took over {EXEC_TIMEOUT:?}"))??;
-        if !out.status.success() {
-            bail!(
-                "{args:?} in {ns} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        cmd.args(["netns", "exec", ns]).args(args);
+        run(cmd, &format!("{args:?} in {ns}"), EXEC_TIMEOUT).await
     }
 
     /// A UDP socket bound to `bind` inside namespace `ns`.
@@ -400,17 +387,20 @@ impl Drop for Lab {
 
 async fn run_script(args: &[String]) -> Result<String> {
     let mut cmd = Command::new("bash");
-    cmd.arg(script())
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = timeout(SCRIPT_TIMEOUT, cmd.output())
+    cmd.arg(script()).args(args);
+    run(cmd, &format!("netlab.sh {args:?}"), SCRIPT_TIMEOUT).await
+}
+
+/// Runs `cmd` (no stdin, killed if the wait is dropped) for at most `limit`;
+/// its stdout, or an error naming `what` with everything it printed.
+async fn run(mut cmd: Command, what: &str, limit: Duration) -> Result<String> {
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    let out = timeout(limit, cmd.output())
         .await
-        .with_context(|| format!("netlab.sh {args:?} took over {SCRIPT_TIMEOUT:?}"))??;
+        .with_context(|| format!("{what} took over {limit:?}"))??;
     if !out.status.success() {
         bail!(
-            "netlab.sh {} failed ({}):\n{}{}",
-            args.first().map(String::as_str).unwrap_or(""),
+            "{what} failed ({}):\n{}{}",
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
