@@ -223,3 +223,15 @@ pub fn udp_drops(port: u16) -> Option<u64> {
             .flatten()
     })
 }
+
+/// UDP datagrams sent by every process on this machine so far (`OutDatagrams`
+/// in `/proc/net/snmp`): on loopback that is both the server's and the load
+/// generator's packets.
+pub fn udp_datagrams_out() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let header: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let at = header.iter().position(|h| *h == "OutDatagrams")?;
+    values.get(at)?.parse().ok()
+}

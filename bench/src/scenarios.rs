@@ -368,6 +368,8 @@ struct Served {
     idle_cpu: (f64, f64),
     /// Datagrams the kernel dropped at the server's socket while enrolling.
     server_drops: u64,
+    /// UDP datagrams sent on this machine (both directions) while enrolling.
+    datagrams: u64,
     reports: Vec<PeerReport>,
 }
 
@@ -382,6 +384,8 @@ async fn serve_swarm(
     let rss_before = server.usage()?.rss_bytes;
     let drops = || procs::udp_drops(server.addr.port()).unwrap_or(0);
     let drops_before = drops();
+    let datagrams = || procs::udp_datagrams_out().unwrap_or(0);
+    let datagrams_before = datagrams();
     let phase = Phase::begin(server)?;
     let (swarm, enrollment) = Swarm::enroll(
         configs,
@@ -393,6 +397,7 @@ async fn serve_swarm(
     .await?;
     let enroll_cpu = phase.end(server)?;
     let server_drops = drops().saturating_sub(drops_before);
+    let datagrams = datagrams().saturating_sub(datagrams_before);
     let presence_drain = match target {
         swarm::Target::Tracker { .. } => {
             let t = Instant::now();
@@ -420,6 +425,7 @@ async fn serve_swarm(
         rss_held,
         idle_cpu: (idle_server, idle_own),
         server_drops,
+        datagrams,
         reports,
     })
 }
@@ -515,8 +521,9 @@ async fn tracker_figures(
         let (wall, server, own) = s.enroll_cpu;
         report.note(format!(
             "enroll phase, {who}: {}/{n} enrolled ({} failed{}) in {wall:.2} s, {} at a time; CPU: \
-             server {server:.2} cores, load generator {own:.2} cores; kernel dropped {} datagrams \
-             at the server's socket (receive buffer full); enroll latency p90 {}, max {}",
+             server {server:.2} cores, load generator {own:.2} cores; {:.1} UDP datagrams per \
+             enrollment (both directions); kernel dropped {} datagrams at the server's socket \
+             (receive buffer full); enroll latency p90 {}, max {}",
             s.enrollment.enrolled,
             s.enrollment.failed,
             s.enrollment
@@ -525,6 +532,7 @@ async fn tracker_figures(
                 .map(|e| format!(", first error: {e}"))
                 .unwrap_or_default(),
             opts.concurrency,
+            s.datagrams as f64 / s.enrollment.enrolled.max(1) as f64,
             s.server_drops,
             us(crate::report::percentile(&s.enrollment.latencies, 90.0)),
             us(crate::report::percentile(&s.enrollment.latencies, 100.0)),
