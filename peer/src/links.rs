@@ -87,6 +87,11 @@ pub const UPGRADE_FIRST_DELAY: Duration = Duration::from_millis(500);
 pub const PUNCH_WAIT: Duration = Duration::from_secs(3);
 /// After a relay upgrade, how long the relay link stays open for acks.
 pub const RELAY_GRACE: Duration = Duration::from_secs(1);
+/// Hole punches the tracker asked for that may be dialing at once. Beyond
+/// this, and for a peer already being punched, a punch request is ignored:
+/// dials go to addresses another peer announced, so a flood of requests must
+/// not turn this peer into a source of traffic at someone else's address.
+pub const MAX_PUNCHES: usize = 16;
 
 /// The identity proven by a connection's TLS handshake.
 pub fn remote_id(conn: &Connection) -> Option<PeerId> {
@@ -493,6 +498,8 @@ pub struct Links {
     /// The path last announced for each peer, to announce only changes.
     paths: Mutex<HashMap<PeerId, Path>>,
     upgrading: Mutex<HashSet<PeerId>>,
+    /// Peers a hole punch is dialing now (at most [`MAX_PUNCHES`]).
+    punching: Mutex<HashSet<PeerId>>,
     /// Woken whenever a direct link is registered.
     registered: Notify,
 }
@@ -761,6 +768,10 @@ pub async fn punch(inner: Arc<Inner>, peer: PeerInfo, delay_ms: u32) {
     if inner.config.relay_only || inner.links.direct_link(&peer.id).is_some() {
         return;
     }
+    let Some(_punching) = Punching::start(&inner.links, peer.id) else {
+        debug!(peer = %peer.name, "punch request ignored: already punching it, or too many");
+        return;
+    };
     tokio::time::sleep(Duration::from_millis(delay_ms.into())).await;
     // Our first packet opens our NAT for theirs; start retransmitting as
     // fast as the path allows rather than after quinn's default 1 s.
@@ -772,6 +783,26 @@ pub async fn punch(inner: Arc<Inner>, peer: PeerInfo, delay_ms: u32) {
         inner
             .links
             .register(&inner, Link::quic(conn, peer.id, inner.identity.id()));
+    }
+}
+
+/// A hole punch in progress: holds its peer's place in [`Links::punching`]
+/// until dropped.
+struct Punching<'a> {
+    links: &'a Links,
+    id: PeerId,
+}
+
+impl<'a> Punching<'a> {
+    fn start(links: &'a Links, id: PeerId) -> Option<Self> {
+        let mut punching = locked(&links.punching);
+        (punching.len() < MAX_PUNCHES && punching.insert(id)).then_some(Self { links, id })
+    }
+}
+
+impl Drop for Punching<'_> {
+    fn drop(&mut self) {
+        locked(&self.links.punching).remove(&self.id);
     }
 }
 

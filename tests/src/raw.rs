@@ -53,7 +53,18 @@ pub async fn enroll(
     addr: &str,
     name: &str,
 ) -> Result<(Connection, TrackerReader, TrackerWriter)> {
-    let (conn, mut reader, writer) = hello_thanks(identity, addr, name).await?;
+    enroll_announcing(identity, addr, name, vec![]).await
+}
+
+/// [`enroll`], announcing `local_addrs` as this peer's own addresses (the
+/// tracker passes them on to peers that want to reach it).
+pub async fn enroll_announcing(
+    identity: &Identity,
+    addr: &str,
+    name: &str,
+    local_addrs: Vec<SocketAddr>,
+) -> Result<(Connection, TrackerReader, TrackerWriter)> {
+    let (conn, mut reader, writer) = hello_thanks_from(identity, addr, name, local_addrs).await?;
     loop {
         if let FromTracker::ClientList { last: true, .. } = next_frame(&mut reader).await? {
             break;
@@ -69,6 +80,15 @@ pub async fn hello_thanks(
     addr: &str,
     name: &str,
 ) -> Result<(Connection, TrackerReader, TrackerWriter)> {
+    hello_thanks_from(identity, addr, name, vec![]).await
+}
+
+async fn hello_thanks_from(
+    identity: &Identity,
+    addr: &str,
+    name: &str,
+    local_addrs: Vec<SocketAddr>,
+) -> Result<(Connection, TrackerReader, TrackerWriter)> {
     let conn = connect_as(identity, addr, ALPN_TRACKER, None).await?;
     let (send, recv) = conn.open_bi().await?;
     let mut reader: TrackerReader = FramedRead::new(recv, Codec::default());
@@ -77,7 +97,7 @@ pub async fn hello_thanks(
         .send(ToTracker::Hello {
             name: Name::parse(name)?,
             version: tincan_proto::PROTOCOL_VERSION,
-            local_addrs: vec![],
+            local_addrs,
         })
         .await?;
     let welcome = next_frame(&mut reader).await?;

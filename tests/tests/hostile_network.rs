@@ -16,7 +16,7 @@ use tincan_proto::{
 };
 use tincan_tests::{
     Mode, Peer, PeerOpts, Tracker, WAIT,
-    raw::{closed_with, connect_as, enroll, frame_where},
+    raw::{closed_with, connect_as, enroll, enroll_announcing, frame_where},
 };
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -276,5 +276,111 @@ async fn tampered_or_forged_held_messages_are_refused_and_never_shown() -> Resul
         .expect_event_within("message", Duration::from_millis(500), |_| true)
         .await;
     assert!(extra.is_err(), "a refused message was shown: {extra:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn tracker_paces_a_peer_that_floods_requests_and_serves_others_meanwhile() -> Result<()> {
+    use tincan_tracker::session::{REQUEST_BURST, REQUEST_RATE};
+    let tracker = Tracker::start().await?;
+    let mut alice = Peer::start_json("alice", &tracker).await?;
+    let (_conn, mut reader, mut writer) =
+        enroll(&Identity::generate()?, &tracker.addr, "flooder").await?;
+
+    // 300 lookups past the burst: at REQUEST_RATE they take 3 s to answer.
+    let past_burst = 3 * REQUEST_RATE;
+    let count = u32::try_from(REQUEST_BURST + past_burst)?;
+    let start = std::time::Instant::now();
+    for req in 0..count {
+        writer
+            .feed(ToTracker::Lookup {
+                req,
+                name: Name::parse("alice")?,
+            })
+            .await?;
+    }
+    SinkExt::<ToTracker>::flush(&mut writer).await?;
+
+    // Meanwhile everyone else is served as usual.
+    let _bob = Peer::start_json("bob", &tracker).await?;
+    alice
+        .expect_event("presence", |v| v["name"] == "bob" && v["online"] == true)
+        .await?;
+
+    // Every lookup is answered, in order, none dropped; just not faster.
+    for want in 0..count {
+        match frame_where(&mut reader, "a LookupReply", |f| {
+            matches!(f, FromTracker::LookupReply { .. })
+        })
+        .await?
+        {
+            FromTracker::LookupReply { req, peer } => {
+                assert_eq!(req, want, "lookup replies out of order");
+                assert_eq!(
+                    peer.map(|p| p.name.to_string()).as_deref(),
+                    Some("alice"),
+                    "lookup {req} answered wrongly"
+                );
+            }
+            _ => unreachable!(),
+        }
+    }
+    let took = start.elapsed();
+    let floor = Duration::from_secs_f64(past_burst as f64 / REQUEST_RATE as f64 * 0.8);
+    assert!(
+        took >= floor,
+        "{count} lookups answered in {took:?}: faster than REQUEST_RATE allows (at least {floor:?})"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_flood_of_hole_punch_requests_makes_the_target_dial_once_not_once_per_request()
+-> Result<()> {
+    let tracker = Tracker::start().await?;
+    let mut bob = Peer::start_json("bob", &tracker).await?;
+    // Someone else's address, announced as the flooder's own: every dial bob
+    // makes to the flooder also sends QUIC Initials (1 200 bytes) here.
+    let victim = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let (_conn, _reader, mut writer) = enroll_announcing(
+        &Identity::generate()?,
+        &tracker.addr,
+        "mallory",
+        vec![victim.local_addr()?],
+    )
+    .await?;
+    bob.expect_event("presence", |v| {
+        v["name"] == "mallory" && v["online"] == true
+    })
+    .await?;
+
+    const REQUESTS: usize = 200;
+    for _ in 0..REQUESTS {
+        writer
+            .feed(ToTracker::Connect {
+                to: Name::parse("bob")?,
+            })
+            .await?;
+    }
+    SinkExt::<ToTracker>::flush(&mut writer).await?;
+
+    // Count what reaches the victim for 3 s (bob's dial gives up after 5).
+    let mut datagrams = 0usize;
+    let mut buf = [0u8; 2048];
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Ok(_)) = tokio::time::timeout_at(until, victim.recv_from(&mut buf)).await {
+        datagrams += 1;
+    }
+    // One dial retransmits its Initial a dozen times or so as its timer
+    // backs off; a dial per request would be thousands.
+    assert!(
+        datagrams > 0,
+        "bob never dialed the announced address: the test proves nothing"
+    );
+    assert!(
+        datagrams <= 40,
+        "{REQUESTS} punch requests made bob send {datagrams} datagrams to an address the \
+         requester chose: more than one dial's worth"
+    );
     Ok(())
 }

@@ -13,6 +13,7 @@
 //! - [`mailbox`]: sealed messages held for offline peers, notices, sealing keys.
 //! - [`relay`]: relay circuits (spliced streams, quotas) and hole-punch timing.
 
+pub mod bucket;
 pub mod mailbox;
 pub mod queue;
 pub mod registry;

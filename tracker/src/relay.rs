@@ -32,7 +32,7 @@ use tokio::time::timeout;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info};
 
-use crate::session::Shared;
+use crate::{bucket::Bucket, session::Shared};
 
 /// Circuits open through this tracker at once.
 pub const MAX_CIRCUITS: usize = 1024;
@@ -55,39 +55,6 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CIRCUIT_IDLE: Duration = Duration::from_secs(120);
 /// Largest chunk moved in one read.
 const CHUNK: usize = 16 * 1024;
-
-/// A token bucket: `rate` bytes per second, up to `burst` saved up.
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-    rate: f64,
-    burst: f64,
-}
-
-impl Bucket {
-    fn new(rate: u64, burst: u64) -> Self {
-        Self {
-            tokens: burst as f64,
-            last: Instant::now(),
-            rate: rate as f64,
-            burst: burst as f64,
-        }
-    }
-
-    /// Takes `n` bytes; returns how long to wait before sending them.
-    fn take(&mut self, n: usize) -> Duration {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        self.tokens -= n as f64;
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.tokens / self.rate)
-        }
-    }
-}
 
 /// The tracker's relay state: counts and the shared bucket.
 pub struct Relay {
@@ -324,17 +291,6 @@ mod tests {
         assert_eq!(
             punch_delays(Duration::from_millis(30), Duration::from_millis(30)),
             (0, 0)
-        );
-    }
-
-    #[test]
-    fn bucket_allows_the_burst_then_paces_to_the_rate() {
-        let mut b = Bucket::new(1000, 500);
-        assert_eq!(b.take(500), Duration::ZERO);
-        let wait = b.take(100);
-        assert!(
-            wait >= Duration::from_millis(90) && wait <= Duration::from_millis(110),
-            "{wait:?}"
         );
     }
 

@@ -28,6 +28,7 @@ use tokio_util::{
 use tracing::{Instrument, debug, info, warn};
 
 use crate::{
+    bucket::Bucket,
     mailbox::Mailbox,
     queue::FrameQueue,
     registry::{Feed, FeedEnd, FirstView, JoinError, Registry, SessionId},
@@ -47,6 +48,15 @@ pub const FRAME_BUFFER: usize = 512;
 pub const WRITE_BATCH: usize = 8 * 1024;
 /// Longest a write to one peer may block before the peer is dropped as a laggard.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests an enrolled peer may make per second (lookups, list pages,
+/// subscriptions, hole-punch and mailbox requests), after a burst of
+/// [`REQUEST_BURST`]. A peer that asks faster is served at this rate: its
+/// session reads its next frame only when the request is due, so QUIC flow
+/// control slows the sender and nobody else waits. Receipts for what the
+/// tracker pushed (held messages, notices) are not counted.
+pub const REQUEST_RATE: u64 = 100;
+/// Requests an enrolled peer may make at once before [`REQUEST_RATE`] applies.
+pub const REQUEST_BURST: u64 = 500;
 /// After Reject or Goodbye, how long the tracker waits for the peer to close
 /// the connection itself (so the last frame is not cut off) before closing it.
 pub const LINGER: Duration = Duration::from_secs(2);
@@ -63,6 +73,8 @@ struct Online {
     feed: Feed,
     replaced: CancellationToken,
     inbox: Arc<FrameQueue>,
+    /// Paces this peer's requests to [`REQUEST_RATE`].
+    requests: Bucket,
 }
 
 /// Why [`Session::serve_online`] woke up with work to do.
@@ -370,6 +382,7 @@ impl Session {
             feed: joined.feed,
             replaced: joined.replaced,
             inbox: joined.inbox,
+            requests: Bucket::new(REQUEST_RATE, REQUEST_BURST),
         })
     }
 
@@ -456,6 +469,19 @@ impl Session {
         online: &mut Online,
         frame: ToTracker,
     ) -> Result<ControlFlow<()>, End> {
+        let receipt = matches!(
+            frame,
+            ToTracker::HeldReceived { .. }
+                | ToTracker::HeldRejected { .. }
+                | ToTracker::NoticeSeen { .. }
+        );
+        if !receipt {
+            let wait = online.requests.take(1);
+            if !wait.is_zero() {
+                debug!(?wait, "pacing a peer that asks faster than REQUEST_RATE");
+                tokio::time::sleep(wait).await;
+            }
+        }
         let (name, session, writer) = (&online.name, online.session, &mut online.writer);
         let reply = match frame {
             ToTracker::Lookup { req, name } => {
