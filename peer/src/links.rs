@@ -73,6 +73,9 @@ pub const OUT_QUEUE: usize = 1024;
 pub const RECEIVE_WINDOW: usize = 1024;
 /// Most simultaneous direct links (connections) per peer process.
 pub const MAX_LINKS: usize = 256;
+/// Incoming handshakes in progress at once; more are refused, so a flood of
+/// connection attempts cannot hold more than this many half-open ones.
+pub const MAX_HANDSHAKING: usize = 64;
 /// How long the losing connection of a simultaneous dial stays open.
 pub const DUPLICATE_GRACE: Duration = Duration::from_secs(2);
 /// How long a direct attempt gets before the relay is asked too.
@@ -772,6 +775,7 @@ pub async fn punch(inner: Arc<Inner>, peer: PeerInfo, delay_ms: u32) {
         debug!(peer = %peer.name, "punch request ignored: already punching it, or too many");
         return;
     };
+    debug!(peer = %peer.name, delay_ms, "hole punch requested by the tracker");
     tokio::time::sleep(Duration::from_millis(delay_ms.into())).await;
     // Our first packet opens our NAT for theirs; start retransmitting as
     // fast as the path allows rather than after quinn's default 1 s.
@@ -796,7 +800,9 @@ struct Punching<'a> {
 impl<'a> Punching<'a> {
     fn start(links: &'a Links, id: PeerId) -> Option<Self> {
         let mut punching = locked(&links.punching);
-        (punching.len() < MAX_PUNCHES && punching.insert(id)).then_some(Self { links, id })
+        // Not `then_some`: it would build (and drop) a guard whose Drop
+        // takes the lock held here.
+        (punching.len() < MAX_PUNCHES && punching.insert(id)).then(|| Self { links, id })
     }
 }
 
@@ -852,6 +858,7 @@ async fn dial(
 
 /// Accepts peer connections until the node shuts down.
 pub async fn accept_loop(inner: Arc<Inner>) {
+    let handshaking = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKING));
     loop {
         let incoming = tokio::select! {
             incoming = inner.endpoint.accept() => match incoming {
@@ -865,10 +872,17 @@ pub async fn accept_loop(inner: Arc<Inner>) {
             incoming.refuse();
             continue;
         }
+        let Ok(permit) = handshaking.clone().try_acquire_owned() else {
+            debug!(remote = %incoming.remote_address(), "too many handshakes at once, refusing");
+            incoming.refuse();
+            continue;
+        };
         let inner2 = inner.clone();
         inner.tasks.spawn(async move {
             let remote = incoming.remote_address();
-            let conn = match timeout(DIAL_TIMEOUT, incoming).await {
+            let handshake = timeout(DIAL_TIMEOUT, incoming).await;
+            drop(permit);
+            let conn = match handshake {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => return debug!(%remote, error = %e, "incoming handshake failed"),
                 Err(_) => return debug!(%remote, "incoming handshake timed out"),

@@ -375,12 +375,21 @@ async fn a_flood_of_hole_punch_requests_makes_the_target_dial_once_not_once_per_
     // backs off; a dial per request would be thousands.
     assert!(
         datagrams > 0,
-        "bob never dialed the announced address: the test proves nothing"
+        "bob never dialed the announced address: the test proves nothing; bob's log:\n{}",
+        bob.stderr()
     );
     assert!(
         datagrams <= 40,
         "{REQUESTS} punch requests made bob send {datagrams} datagrams to an address the \
          requester chose: more than one dial's worth"
     );
+
+    // And bob is still fully at work: a newcomer's message gets through.
+    let mut carol = Peer::start_json("carol", &tracker).await?;
+    let id = carol.send("bob", "still there?").await?;
+    carol
+        .expect_event("delivered", |v| v["msg_id"] == id.as_str())
+        .await
+        .context("bob stopped serving after the punch flood")?;
     Ok(())
 }
