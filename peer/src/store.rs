@@ -22,9 +22,14 @@
 //! in them was on screen and acknowledged, and misses from the history.
 //! Reads of committed rows use a second connection (WAL readers do not
 //! block the writer); an entry leaves the in-memory maps only after its
-//! last write committed, so "memory, else the read connection" never
-//! misses a write, and reads that need every write so far (history, the
-//! outbox) run on the database thread itself ([`Store::call`]).
+//! last write committed and the read connection's snapshot was let go, so
+//! "memory, else the read connection" never misses a write, and reads that
+//! need every write so far (history, the outbox) run on the database thread
+//! itself ([`Store::call`]). The dedupe lookup, once per incoming message,
+//! keeps a read transaction open between commits: beginning one costs file
+//! locks (system calls) that a lookup in an open one does not. The database
+//! thread ends it after each commit, so it never holds an old snapshot
+//! (nor keeps the WAL from being checkpointed) past the next commit.
 //!
 //! Opening a file that is not a tincan database is an error naming the
 //! file; nothing is ever silently reset.
@@ -280,7 +285,9 @@ pub struct Store {
     jobs: Arc<Jobs>,
     journal: Arc<Journal>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    read: Mutex<Connection>,
+    /// Shared with the database thread, which ends its read transaction
+    /// after every commit.
+    read: Arc<Mutex<Connection>>,
     ledger: Arc<Mutex<HashMap<MessageId, Entry>>>,
     /// Received ids being shown, or shown and not yet committed.
     fresh: Arc<Mutex<HashMap<ReceivedKey, Fresh>>>,
@@ -502,6 +509,13 @@ fn insert_sent(db: &Connection, record: &Record, state: &State) -> rusqlite::Res
     .map(drop)
 }
 
+/// Ends the read transaction `read` may have open (see the module docs).
+fn end_read(read: &Connection) {
+    if !read.is_autocommit() {
+        let _ = read.execute_batch("COMMIT");
+    }
+}
+
 /// Applies what the journal holds (a previous run's last moments).
 fn replay(db: &Connection, records: &[Record]) -> rusqlite::Result<()> {
     if records.is_empty() {
@@ -518,8 +532,9 @@ fn replay(db: &Connection, records: &[Record]) -> rusqlite::Result<()> {
 }
 
 /// The database thread: takes a batch of jobs (see [`Jobs`]), runs them
-/// in one transaction, commits, and only then tells the jobs' waiters.
-fn run_writer(db: Connection, jobs: Arc<Jobs>, path: String) {
+/// in one transaction, commits, ends the read connection's transaction (its
+/// next read sees the commit), and only then tells the jobs' waiters.
+fn run_writer(db: Connection, jobs: Arc<Jobs>, read: &Mutex<Connection>, path: String) {
     let mut after: Vec<AfterCommit> = Vec::new();
     while let Some(batch) = jobs.next_batch() {
         let began = db.execute_batch("BEGIN");
@@ -532,6 +547,7 @@ fn run_writer(db: Connection, jobs: Arc<Jobs>, path: String) {
             let _ = db.execute_batch("ROLLBACK");
         }
         let ok = committed.is_ok();
+        end_read(&locked(read));
         for done in after.drain(..) {
             done(ok);
         }
@@ -567,6 +583,7 @@ impl Store {
         ))
         .map_err(err)?;
         read.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        let read = Arc::new(Mutex::new(read));
         let ledger = open_messages(&db)
             .map_err(err)?
             .into_iter()
@@ -582,10 +599,10 @@ impl Store {
             .collect();
         let keys = known_keys(&db).map_err(err)?;
         let jobs = Arc::new(Jobs::new(linger));
-        let (thread_jobs, thread_path) = (jobs.clone(), shown.clone());
+        let (thread_jobs, thread_read, thread_path) = (jobs.clone(), read.clone(), shown.clone());
         let thread = std::thread::Builder::new()
             .name("peer-db".into())
-            .spawn(move || run_writer(db, thread_jobs, thread_path))
+            .spawn(move || run_writer(db, thread_jobs, &thread_read, thread_path))
             .map_err(|e| StoreError {
                 path: shown.clone(),
                 reason: format!("cannot start the database thread: {e}"),
@@ -595,7 +612,7 @@ impl Store {
             jobs,
             journal: Arc::new(journal),
             thread: Mutex::new(Some(thread)),
-            read: Mutex::new(read),
+            read,
             ledger: Arc::new(Mutex::new(ledger)),
             fresh: Arc::default(),
             keys: Mutex::new(keys),
@@ -887,14 +904,18 @@ impl Store {
             }
             None => {}
         }
-        let shown: Option<bool> = self
-            .read()
-            .prepare_cached("SELECT shown FROM received WHERE from_id = ?1 AND id = ?2")
-            .and_then(|mut s| {
-                s.query_row(params![&from_id.0[..], &id.0[..]], |r| r.get(0))
-                    .optional()
-            })
-            .map_err(|e| self.err(e))?;
+        let read = self.read();
+        let lookup = || -> rusqlite::Result<Option<bool>> {
+            // Open until the next commit (see the module docs).
+            if read.is_autocommit() {
+                read.execute_batch("BEGIN")?;
+            }
+            read.prepare_cached("SELECT shown FROM received WHERE from_id = ?1 AND id = ?2")?
+                .query_row(params![&from_id.0[..], &id.0[..]], |r| r.get(0))
+                .optional()
+        };
+        let shown = lookup().map_err(|e| self.err(e))?;
+        drop(read);
         if shown == Some(true) {
             return Ok(Incoming::Shown);
         }
