@@ -230,7 +230,10 @@ impl Jobs {
             return false;
         }
         q.jobs.push_back(job);
-        let wake = urgent || q.jobs.len() >= STORE_BATCH;
+        // The first job into an empty queue wakes the thread too: it then
+        // waits STORE_LINGER for company instead of sleeping until some
+        // urgent job comes.
+        let wake = urgent || q.jobs.len() == 1 || q.jobs.len() >= STORE_BATCH;
         q.urgent |= wake;
         drop(q);
         if wake {
@@ -1280,6 +1283,32 @@ mod tests {
         );
         // Applied once, whatever the number of restarts.
         assert_eq!(open(&dir).outbox().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_nobody_waits_for_is_committed_within_the_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir);
+        // A commit first, then time for the thread to fall asleep on an
+        // empty queue: the case where nothing else would wake it. (Too
+        // short a pause can only make this test pass without its case.)
+        s.outbox().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.queue(MessageId([3; 16]), &name("bob"), "m", 1).unwrap();
+        let rows = || -> i64 {
+            s.read()
+                .query_row("SELECT count(*) FROM sent", [], |r| r.get(0))
+                .unwrap()
+        };
+        // Polled on the read connection: nothing here waits for the commit.
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        while rows() == 0 {
+            assert!(
+                std::time::Instant::now() < until,
+                "a lazy write was not committed within 2 s (STORE_LINGER is {STORE_LINGER:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]
