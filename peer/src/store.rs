@@ -230,11 +230,12 @@ impl Jobs {
             return false;
         }
         q.jobs.push_back(job);
-        // The first job into an empty queue wakes the thread too: it then
-        // waits STORE_LINGER for company instead of sleeping until some
-        // urgent job comes.
-        let wake = urgent || q.jobs.len() == 1 || q.jobs.len() >= STORE_BATCH;
-        q.urgent |= wake;
+        let commit_now = urgent || q.jobs.len() >= STORE_BATCH;
+        q.urgent |= commit_now;
+        // The first job into an empty queue wakes the thread too, to start
+        // the STORE_LINGER clock (not to commit at once); else it would
+        // sleep on until some urgent job came.
+        let wake = commit_now || q.jobs.len() == 1;
         drop(q);
         if wake {
             self.work.notify_one();
