@@ -12,6 +12,9 @@ use tincan_peer::{
 use tincan_proto::{Name, PeerId};
 
 /// A tincan peer: enrolls with a tracker under NAME and talks to other peers directly.
+/// `--store-linger-ms` by default: the store's own default.
+const STORE_LINGER_MS: u64 = tincan_peer::store::STORE_LINGER.as_millis() as u64;
+
 #[derive(Parser)]
 #[command(version)]
 struct Args {
@@ -44,7 +47,7 @@ struct Args {
     relay_only: bool,
     /// Longest a write to peer.db may wait to be committed with others, in
     /// milliseconds (messages just sent or shown are journaled at once anyway).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(long, default_value_t = STORE_LINGER_MS, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     store_linger_ms: u64,
 }
 
