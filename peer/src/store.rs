@@ -937,11 +937,8 @@ impl Store {
     /// marked shown), in the next commit: at most [`STORE_LINGER`] later.
     pub fn mark_shown(&self, msg: ShownMessage) {
         let key = (msg.from_id, msg.id);
-        if let Some(Fresh::Showing(waiting)) = locked(&self.fresh).insert(key, Fresh::Shown) {
-            for copy in waiting {
-                let _ = copy.send(());
-            }
-        }
+        // The journal first, before any lock that a lookup may hold: until
+        // this write, a crash shows the message again after the restart.
         let record = Record::Shown {
             from_id: msg.from_id,
             from: msg.from,
@@ -958,6 +955,11 @@ impl Store {
                 false
             }
         };
+        if let Some(Fresh::Showing(waiting)) = locked(&self.fresh).insert(key, Fresh::Shown) {
+            for copy in waiting {
+                let _ = copy.send(());
+            }
+        }
         let (fresh, journal) = (self.fresh.clone(), self.journal.clone());
         self.write_behind(
             move |db| apply(db, &record),

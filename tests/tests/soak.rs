@@ -2,6 +2,9 @@
 //! restarted and bob is SIGKILLed and restarted on the same data directory.
 //! Every id must end up shown exactly once on bob's side (across both bob
 //! processes) and `delivered` on alice's side, with alice's outbox empty.
+//! The one exception is the documented crash window (docs/delivery.md,
+//! durability): the last message the killed bob printed may have been
+//! printed but not yet journaled, and then the next bob shows it again.
 //!
 //! `soak_2000_messages_through_tracker_and_receiver_crashes` runs in CI;
 //! the 10 000-message variant is `#[ignore]`d (run with `--ignored`).
@@ -41,6 +44,7 @@ async fn soak(n: usize) -> Result<()> {
 
     let mut sent = Vec::with_capacity(n);
     let mut shown_by_bob: Vec<String> = Vec::new();
+    let mut last_before_kill: Option<String> = None;
     let quarter = n / 4;
     for i in 0..n {
         if i == quarter {
@@ -52,7 +56,9 @@ async fn soak(n: usize) -> Result<()> {
         if i == 3 * quarter {
             // Everything bob printed before he died counts.
             bob.kill().await?;
-            shown_by_bob.extend(message_ids(&bob.rest_json().await));
+            let printed = message_ids(&bob.rest_json().await);
+            last_before_kill = printed.last().cloned();
+            shown_by_bob.extend(printed);
             bob = PeerOpts::new("bob", &tracker, Mode::Json)
                 .dir(bob_dir.path())
                 .start()
@@ -127,7 +133,17 @@ async fn soak(n: usize) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     assert_eq!(lost, 0, "messages lost");
-    assert_eq!(duplicates, 0, "messages shown twice");
+    let twice: Vec<&str> = counts
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(id, _)| *id)
+        .collect();
+    let in_the_window = |id: &str| Some(id) == last_before_kill.as_deref() && counts[id] == 2;
+    assert!(
+        twice.iter().all(|id| in_the_window(id)),
+        "messages shown twice: {twice:?}; only the last message the killed bob printed \
+         ({last_before_kill:?}) may be, once"
+    );
     assert_eq!(strangers, 0, "bob showed ids alice never sent");
     assert_eq!(delivered.len(), n);
     assert_eq!(outbox["pending"], 0, "{outbox}");
