@@ -27,6 +27,19 @@ pub async fn closed_with(conn: &Connection) -> Result<u64> {
     }
 }
 
+/// A quinn client configuration presenting `identity`, speaking `alpn`,
+/// accepting only `expected` as the server's key (any key when `None`).
+pub fn quinn_client_config(
+    identity: &Identity,
+    alpn: &[u8],
+    expected: Option<PeerId>,
+) -> Result<quinn::ClientConfig> {
+    let tls = client_config(identity, alpn, expected)?;
+    Ok(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls)?,
+    )))
+}
+
 /// Connects to `addr` with `identity`, speaking `alpn`, accepting only
 /// `expected` as the server's key (any key when `None`).
 pub async fn connect_as(
@@ -35,8 +48,7 @@ pub async fn connect_as(
     alpn: &[u8],
     expected: Option<PeerId>,
 ) -> Result<Connection> {
-    let tls = client_config(identity, alpn, expected)?;
-    let config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    let config = quinn_client_config(identity, alpn, expected)?;
     let mut endpoint = Endpoint::client("127.0.0.1:0".parse()?)?;
     endpoint.set_default_client_config(config);
     let addr: SocketAddr = addr.parse()?;

@@ -2,7 +2,10 @@
 //! one connection with an error code; the process keeps serving everyone
 //! else. The hostile client here is real QUIC with a real (self-made) identity.
 
-use std::time::Duration;
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
@@ -391,5 +394,95 @@ async fn a_flood_of_hole_punch_requests_makes_the_target_dial_once_not_once_per_
         .expect_event("delivered", |v| v["msg_id"] == id.as_str())
         .await
         .context("bob stopped serving after the punch flood")?;
+    Ok(())
+}
+
+/// The destination connection id of a QUIC long-header packet.
+fn long_header_dcid(datagram: &[u8]) -> Option<Vec<u8>> {
+    if datagram.first()? & 0x80 == 0 {
+        return None;
+    }
+    let len = usize::from(*datagram.get(5)?);
+    datagram.get(6..6 + len).map(<[u8]>::to_vec)
+}
+
+#[tokio::test]
+async fn a_peer_holds_at_most_max_handshaking_half_open_handshakes_and_refuses_the_rest()
+-> Result<()> {
+    // tincan_peer::links::MAX_HANDSHAKING (the tests do not link the peer).
+    const MAX_HANDSHAKING: usize = 64;
+    const ATTEMPTS: usize = 100;
+    let tracker = Tracker::start().await?;
+    let mut bob = Peer::start_json("bob", &tracker).await?;
+    let (bob_addr, _) = bob.own_address_and_key().await?;
+
+    // Real first packets of ATTEMPTS handshakes (each its own connection
+    // id), caught on a socket that never answers.
+    let trap = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let config = tincan_tests::raw::quinn_client_config(&Identity::generate()?, ALPN_PEER, None)?;
+    let mut connecting = Vec::new();
+    for _ in 0..ATTEMPTS {
+        connecting.push(client.connect_with(
+            config.clone(),
+            trap.local_addr()?,
+            tincan_proto::tls::SERVER_NAME,
+        )?);
+    }
+    let mut initials: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    let mut buf = [0u8; 2048];
+    while initials.len() < ATTEMPTS {
+        let (n, _) = tokio::time::timeout(WAIT, trap.recv_from(&mut buf))
+            .await
+            .context("the client's Initials did not arrive")??;
+        if let Some(dcid) = long_header_dcid(&buf[..n]) {
+            initials.entry(dcid).or_insert_with(|| buf[..n].to_vec());
+        }
+    }
+    drop(connecting);
+
+    // Replayed at bob from a socket that never completes them: half-open.
+    let raw = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    for initial in initials.values() {
+        raw.send_to(initial, &bob_addr).await?;
+    }
+    // bob answers an accepted one with its first flight (≥ 1 200 bytes),
+    // a refused one with a short close; count each connection once.
+    let (mut accepted, mut refused) = (HashSet::new(), HashSet::new());
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Ok((n, _))) = tokio::time::timeout_at(until, raw.recv_from(&mut buf)).await {
+        if let Some(dcid) = long_header_dcid(&buf[..n]) {
+            if n >= 1_000 {
+                accepted.insert(dcid);
+            } else {
+                refused.insert(dcid);
+            }
+        }
+    }
+    eprintln!(
+        "handshakes: {} accepted, {} refused",
+        accepted.len(),
+        refused.len()
+    );
+    assert!(
+        accepted.len() <= MAX_HANDSHAKING,
+        "bob took {} half-open handshakes at once (limit {MAX_HANDSHAKING})",
+        accepted.len()
+    );
+    assert!(
+        refused.len() >= ATTEMPTS - MAX_HANDSHAKING,
+        "bob refused only {} of {ATTEMPTS} handshakes ({} accepted)",
+        refused.len(),
+        accepted.len()
+    );
+
+    // Meanwhile bob still gets his messages (through the tracker's relay
+    // or his own dial, if his slots are full).
+    let mut carol = Peer::start_json("carol", &tracker).await?;
+    let id = carol.send("bob", "still there?").await?;
+    carol
+        .expect_event("delivered", |v| v["msg_id"] == id.as_str())
+        .await
+        .context("bob stopped receiving during the handshake flood")?;
     Ok(())
 }
