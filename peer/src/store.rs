@@ -61,9 +61,9 @@ pub const STORE_BATCH: usize = 1024;
 /// Default for how long a write nobody waits for (a state change, a
 /// pinned key, a row already in the journal) stays uncommitted when no
 /// waited-for write comes along to carry it (`Config::store_linger`).
-/// 50 ms rather than 5: with a commit every 5 ms on each side, the WAL
-/// checkpoints and journal truncations that follow put the direct RTT's
-/// p99 at ~1 ms instead of ~0.3 ms (benchmarks.md, finding 7).
+/// 50 ms rather than 5: with a commit every 5 ms on each side the direct
+/// RTT's p99 was ~1 ms instead of ~0.3 ms (benchmarks.md, finding 7; most
+/// likely WAL checkpoints and journal truncations, not profiled).
 pub const STORE_LINGER: Duration = Duration::from_millis(50);
 /// Memory-mapped reads (the dedupe lookups): no copies, and no cache to
 /// rebuild after every commit.
