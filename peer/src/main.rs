@@ -11,10 +11,10 @@ use tincan_peer::{
 };
 use tincan_proto::{Name, PeerId};
 
-/// A tincan peer: enrolls with a tracker under NAME and talks to other peers directly.
 /// `--store-linger-ms` by default: the store's own default.
 const STORE_LINGER_MS: u64 = tincan_peer::store::STORE_LINGER.as_millis() as u64;
 
+/// A tincan peer: enrolls with a tracker under NAME and talks to other peers directly.
 #[derive(Parser)]
 #[command(version)]
 struct Args {
