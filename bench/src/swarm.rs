@@ -322,13 +322,18 @@ impl SimPeer {
                 let mut reader: Reader = FramedRead::new(recv, length_delimited());
                 let name = Name::parse(&format!("p{}", self.index))
                     .map_err(|e| BenchError::Protocol(e.to_string()))?;
+                // Like a real peer: Hello, the names it follows and Thanks
+                // in one flight (the tracker ignores the names in broadcast
+                // mode), then Welcome (or Reject).
                 writer
-                    .send(ToTracker::Hello {
+                    .feed(ToTracker::Hello {
                         name,
                         version: PROTOCOL_VERSION,
                         local_addrs: vec![],
+                        follow: Some(self.contacts()?),
                     })
                     .await?;
+                writer.send(ToTracker::Thanks).await?;
                 match next_frame(&mut reader, "Welcome").await? {
                     (FromTracker::Welcome { .. }, _) => {}
                     (FromTracker::Reject { reason }, _) => {
@@ -340,15 +345,9 @@ impl SimPeer {
                         )));
                     }
                 }
-                writer.send(ToTracker::Thanks).await?;
                 let mut report = PeerReport::default();
                 let mut frame = next_frame(&mut reader, "ClientList").await?;
                 if let (FromTracker::SubscribeMode { .. }, _) = frame {
-                    writer
-                        .send(ToTracker::Subscribe {
-                            names: self.contacts()?,
-                        })
-                        .await?;
                     frame = next_frame(&mut reader, "Subscribed").await?;
                 }
                 loop {

@@ -181,26 +181,30 @@ pub async fn enroll(inner: &Inner, pin: Option<PeerId>) -> Result<Enrolled, Enro
     let mut writer: Writer = FramedWrite::new(send, Codec::default());
     let proto_err = |e: tincan_proto::FrameError| EnrollError::Protocol(e.to_string());
 
-    // 1. hello
+    // 1. hello, and 4. thanks behind it without waiting for the welcome
+    //    (a rejected Hello makes the tracker drop it), with the names we
+    //    follow in case the tracker is in subscribe mode: its welcome and
+    //    the state of those names then come back together.
     let local_addrs = net::local_addrs(inner.local_addr);
+    let mut followed = names_to_follow(inner, MAX_FOLLOWED);
     writer
-        .send(ToTracker::Hello {
+        .feed(ToTracker::Hello {
             name: inner.config.name.clone(),
             version: PROTOCOL_VERSION,
             local_addrs: local_addrs.clone(),
+            follow: Some(followed.clone()),
         })
         .await
         .map_err(proto_err)?;
+    writer.send(ToTracker::Thanks).await.map_err(proto_err)?;
     // 3. welcome (or reject)
     let observed = match next_step(&conn, &mut reader, "Welcome").await? {
         FromTracker::Welcome { observed, .. } => observed,
         other => return Err(unexpected(&conn, Some(Ok(other)))),
     };
-    // 4. thanks
-    writer.send(ToTracker::Thanks).await.map_err(proto_err)?;
     // 6. who is online: everyone, in pages; or, on a tracker in subscribe
     //    mode (it said so right after Welcome), the online ones among the
-    //    names we follow.
+    //    names we follow (the first `max_subscriptions` of them).
     let (presence, followed, peers) = match next_step(&conn, &mut reader, "the client list").await?
     {
         first @ FromTracker::ClientList { .. } => {
@@ -210,13 +214,7 @@ pub async fn enroll(inner: &Inner, pin: Option<PeerId>) -> Result<Enrolled, Enro
         FromTracker::SubscribeMode { max_subscriptions } => {
             let max_subscriptions =
                 usize::try_from(max_subscriptions).map_or(MAX_FOLLOWED, |m| m.min(MAX_FOLLOWED));
-            let followed = names_to_follow(inner, max_subscriptions);
-            writer
-                .send(ToTracker::Subscribe {
-                    names: followed.clone(),
-                })
-                .await
-                .map_err(proto_err)?;
+            followed.truncate(max_subscriptions);
             let first = next_step(&conn, &mut reader, "the followed names").await?;
             let mut peers = read_pages(&conn, &mut reader, first, subscribed_page).await?;
             peers.push(PeerInfo {

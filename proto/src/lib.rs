@@ -26,11 +26,11 @@ pub use ids::{MessageId, PeerId};
 pub use name::{Name, NameError};
 
 /// ALPN of the peer ↔ tracker protocol; the trailing number is the protocol version.
-pub const ALPN_TRACKER: &[u8] = b"tincan-tracker/1";
+pub const ALPN_TRACKER: &[u8] = b"tincan-tracker/2";
 /// ALPN of the peer ↔ peer protocol.
 pub const ALPN_PEER: &[u8] = b"tincan-peer/1";
 /// Protocol version carried in `Hello`, for messages that outlive an ALPN bump.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest encoded frame, in bytes, either direction. A larger length prefix
 /// closes the stream with an error before the body is read.

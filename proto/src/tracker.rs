@@ -5,10 +5,12 @@
 //!
 //! ```text
 //! peer                                tracker
-//!  |-- Hello{name, version, local} -->|  1. hello
+//!  |-- Hello{name, version, local, -->|  1. hello
+//!  |         follow}                  |
+//!  |-- Thanks ----------------------->|     sent ahead (the tracker reads it at 4)
 //!  |                                  |  2. check name: syntax, online, bound to another key
 //!  |<-- Welcome{observed} ------------|  3. welcome  (or Reject{reason}, then close)
-//!  |-- Thanks ----------------------->|  4. thanks
+//!  |                                  |  4. thanks: the peer accepts the welcome
 //!  |                                  |  5. add to the list of online peers
 //!  |<-- ClientList{peers, last} ------|  6. full list to the newcomer (paged),
 //!  |                                  |     Presence(Joined) to everyone else
@@ -17,16 +19,20 @@
 //!  |<-- Goodbye ----------------------|  the peer closes; Presence(Left) to everyone
 //! ```
 //!
+//! A peer may also wait for `Welcome` before it sends `Thanks`. When `Thanks`
+//! came ahead, `Welcome` leaves in the same packet as what follows it.
+//!
 //! A tracker in subscribe mode sends no full list: it follows `Welcome` with
-//! `SubscribeMode`, and after `Thanks` the peer names the peers it follows
-//! and hears about those only:
+//! `SubscribeMode`, and the names the peer follows (`Hello::follow`, or a
+//! `Subscribe` right after `Thanks` when that is `None`) are the only ones
+//! it hears about:
 //!
 //! ```text
+//!  |-- Hello{.., follow: names} ----->|  1.
+//!  |-- Thanks ----------------------->|
 //!  |<-- Welcome{observed} ------------|  3. welcome
 //!  |<-- SubscribeMode{max} -----------|     (same packet) no full list here
-//!  |-- Thanks ----------------------->|  4. thanks
-//!  |-- Subscribe{names} ------------->|  6. the names this peer follows
-//!  |<-- Subscribed{peers, last} ------|     the online ones among them (paged)
+//!  |<-- Subscribed{peers, last} ------|     the online ones among `names` (paged)
 //!  |        ... Presence deltas of followed names, Subscribe/Unsubscribe,
 //!  |            ListPage/ListPageReply (everyone online, a page at a time) ...
 //! ```
@@ -53,6 +59,14 @@ pub enum ToTracker {
         /// Addresses of the peer's own interfaces (at most [`crate::MAX_LOCAL_ADDRS`]),
         /// for peers on the same LAN.
         local_addrs: Vec<SocketAddr>,
+        /// The names this peer follows, sent ahead (pipelined) with `Hello`
+        /// and `Thanks`: a tracker in subscribe mode takes them as the first
+        /// `Subscribe` (keeping the first `max_subscriptions` it announces)
+        /// and answers `Subscribed` right behind `Welcome` and
+        /// `SubscribeMode`, one round trip sooner. A tracker in broadcast
+        /// mode ignores them. `None`: the peer sends `Subscribe` itself once
+        /// it has read `SubscribeMode`.
+        follow: Option<Vec<Name>>,
     },
     /// Step 4: the peer accepts the welcome and joins the list.
     Thanks,

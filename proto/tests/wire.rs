@@ -196,13 +196,18 @@ fn arb_refusal() -> impl Strategy<Value = Refusal> {
 
 fn arb_to_tracker() -> impl Strategy<Value = ToTracker> {
     prop_oneof![
-        (arb_name(), any::<u16>(), arb_local_addrs()).prop_map(|(name, version, local_addrs)| {
-            ToTracker::Hello {
+        (
+            arb_name(),
+            any::<u16>(),
+            arb_local_addrs(),
+            prop::option::of(prop::collection::vec(arb_name(), 0..4))
+        )
+            .prop_map(|(name, version, local_addrs, follow)| ToTracker::Hello {
                 name,
                 version,
                 local_addrs,
-            }
-        }),
+                follow,
+            }),
         Just(ToTracker::Thanks),
         (any::<u32>(), arb_name()).prop_map(|(req, name)| ToTracker::Lookup { req, name }),
         Just(ToTracker::Logout),
@@ -456,14 +461,16 @@ fn to_tracker_goldens() -> Vec<Golden<ToTracker>> {
                 name: name("alice"),
                 version: 1,
                 local_addrs: vec![lan_v4(), lan_v6()],
+                follow: Some(vec![name("bob")]),
             },
             concat!(
-                "00 ",                                      // variant Hello
-                "05 616c696365 ",                           // name "alice"
-                "01 ",                                      // version 1
-                "02 ",                                      // 2 local addrs
-                "00 c0a80114 8827 ",                        // V4 192.168.1.20:5000
-                "01 20010db8000000000000000000000001 bb03", // V6 [2001:db8::1]:443
+                "00 ",                                       // variant Hello
+                "05 616c696365 ",                            // name "alice"
+                "01 ",                                       // version 1
+                "02 ",                                       // 2 local addrs
+                "00 c0a80114 8827 ",                         // V4 192.168.1.20:5000
+                "01 20010db8000000000000000000000001 bb03 ", // V6 [2001:db8::1]:443
+                "01 01 03 626f62",                           // follow: Some(["bob"])
             ),
         ),
         ("Thanks", ToTracker::Thanks, "01"),
@@ -1213,13 +1220,14 @@ fn invalid_names() -> Vec<Vec<u8>> {
     ]
 }
 
-/// A `Hello` built by hand: variant 0, name, version 1, no local addresses.
+/// A `Hello` built by hand: variant 0, name, version 1, no local addresses,
+/// no names to follow.
 fn hello_bytes(name: &[u8]) -> Vec<u8> {
     let len = u8::try_from(name.len()).unwrap();
     assert!(len < 0x80, "one-byte varint only");
     let mut bytes = vec![0x00, len];
     bytes.extend_from_slice(name);
-    bytes.extend_from_slice(&[0x01, 0x00]);
+    bytes.extend_from_slice(&[0x01, 0x00, 0x00]);
     bytes
 }
 
@@ -1234,6 +1242,7 @@ fn hello_with_an_invalid_name_is_rejected() {
                 name: name(ok),
                 version: 1,
                 local_addrs: vec![],
+                follow: None,
             }
         );
     }
@@ -1605,4 +1614,20 @@ fn a_full_page_of_the_largest_entries_fits_a_frame_in_every_paged_reply() {
         let len = codec::encode(&frame).unwrap().len();
         assert!(len <= MAX_FRAME_LEN, "{len} bytes");
     }
+}
+
+#[test]
+fn the_largest_hello_fits_a_frame() {
+    // A 32-character name, the most local addresses, and as many
+    // 32-character names to follow as a peer sends and a tracker takes
+    // (the peer's MAX_FOLLOWED, the tracker's MAX_SUBSCRIPTIONS: 1 024).
+    let largest = largest_peer_info(0);
+    let hello = ToTracker::Hello {
+        name: largest.name,
+        version: u16::MAX,
+        local_addrs: largest.local_addrs,
+        follow: Some((0..1_024).map(|i| name(&format!("{i:032}"))).collect()),
+    };
+    let len = codec::encode(&hello).unwrap().len();
+    assert!(len <= MAX_FRAME_LEN, "{len} bytes");
 }

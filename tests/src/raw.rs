@@ -110,6 +110,7 @@ async fn hello_thanks_from(
             name: Name::parse(name)?,
             version: tincan_proto::PROTOCOL_VERSION,
             local_addrs,
+            follow: None,
         })
         .await?;
     let welcome = next_frame(&mut reader).await?;
@@ -156,6 +157,34 @@ pub async fn enroll_following(
         max_subscriptions,
         online,
     })
+}
+
+/// Connects and sends `Hello` (with `follow`) and `Thanks` together, as
+/// the real peer does, without waiting for `Welcome`; then reads `Welcome`.
+pub async fn hello_thanks_ahead(
+    identity: &Identity,
+    addr: &str,
+    name: &str,
+    follow: Option<Vec<Name>>,
+) -> Result<(Connection, TrackerReader, TrackerWriter)> {
+    let conn = connect_as(identity, addr, ALPN_TRACKER, None).await?;
+    let (send, recv) = conn.open_bi().await?;
+    let mut reader: TrackerReader = FramedRead::new(recv, Codec::default());
+    let mut writer: TrackerWriter = FramedWrite::new(send, Codec::default());
+    writer
+        .feed(ToTracker::Hello {
+            name: Name::parse(name)?,
+            version: tincan_proto::PROTOCOL_VERSION,
+            local_addrs: vec![],
+            follow,
+        })
+        .await?;
+    writer.send(ToTracker::Thanks).await?;
+    let welcome = next_frame(&mut reader).await?;
+    if !matches!(welcome, FromTracker::Welcome { .. }) {
+        bail!("expected Welcome, got {welcome:?}");
+    }
+    Ok((conn, reader, writer))
 }
 
 /// Reads `Subscribed` pages up to the last one (skipping other frames,

@@ -17,7 +17,8 @@ use tincan_proto::{
 use tincan_tests::{
     Mode, Peer, PeerOpts, Tracker, WAIT, peer_names,
     raw::{
-        Following, closed_with, enroll_following, frame_where, hello_thanks, next_frame, subscribed,
+        Following, closed_with, enroll_following, frame_where, hello_thanks, hello_thanks_ahead,
+        next_frame, subscribed,
     },
 };
 
@@ -368,5 +369,139 @@ async fn who_all_pages_through_everyone_in_the_text_front_end() -> Result<()> {
     alice
         .expect_line("the second page", |l| l == "everyone online, 1 from here:")
         .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn names_sent_ahead_with_hello_are_followed_without_a_subscribe() -> Result<()> {
+    let tracker = subscribe_tracker().await?;
+    let _bob = Peer::start_json("bob", &tracker).await?;
+    let names = |list: &[&str]| {
+        list.iter()
+            .map(|n| Name::parse(n))
+            .collect::<Result<Vec<_>, _>>()
+    };
+
+    // Hello (following bob and carol) and Thanks in one flight: Welcome,
+    // SubscribeMode and the state of bob and carol come back, and no
+    // Subscribe is needed.
+    let (_conn, mut reader, _writer) = hello_thanks_ahead(
+        &Identity::generate()?,
+        &tracker.addr,
+        "me",
+        Some(names(&["bob", "carol"])?),
+    )
+    .await?;
+    let mode = next_frame(&mut reader).await?;
+    let FromTracker::SubscribeMode { max_subscriptions } = mode else {
+        bail!("expected SubscribeMode, got {mode:?}");
+    };
+    let online: Vec<String> = subscribed(&mut reader)
+        .await?
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
+    assert_eq!(online, ["bob"]);
+    // carol is followed, dave is not: only carol's join arrives.
+    let _dave = Peer::start_json("dave", &tracker).await?;
+    let _carol = Peer::start_json("carol", &tracker).await?;
+    let joined = next_frame(&mut reader).await?;
+    assert!(
+        matches!(&joined, FromTracker::Presence(PresenceChange::Joined(p)) if p.name.as_str() == "carol"),
+        "{joined:?}"
+    );
+
+    // More names than the limit: the first max_subscriptions are followed
+    // (bob, last, is not) and the enrollment goes on.
+    let mut many: Vec<Name> = (0..max_subscriptions)
+        .map(|i| Name::parse(&format!("n{i}")))
+        .collect::<Result<_, _>>()?;
+    many.push(Name::parse("bob")?);
+    let (_conn, mut reader, _writer) =
+        hello_thanks_ahead(&Identity::generate()?, &tracker.addr, "many", Some(many)).await?;
+    let mode = next_frame(&mut reader).await?;
+    assert!(
+        matches!(mode, FromTracker::SubscribeMode { .. }),
+        "{mode:?}"
+    );
+    assert_eq!(subscribed(&mut reader).await?, []);
+    Ok(())
+}
+
+#[tokio::test]
+async fn thanks_sent_ahead_without_names_is_welcomed_before_the_tracker_waits_for_subscribe()
+-> Result<()> {
+    // The tracker holds Welcome back while more of the peer's frames are
+    // buffered; it must still send it before it waits for a Subscribe
+    // that the peer sends only once it has seen SubscribeMode.
+    let tracker = subscribe_tracker().await?;
+    let _bob = Peer::start_json("bob", &tracker).await?;
+    let (_conn, mut reader, mut writer) =
+        hello_thanks_ahead(&Identity::generate()?, &tracker.addr, "me", None).await?;
+    let mode = next_frame(&mut reader).await?;
+    assert!(
+        matches!(mode, FromTracker::SubscribeMode { .. }),
+        "{mode:?}"
+    );
+    writer
+        .send(ToTracker::Subscribe {
+            names: vec![Name::parse("bob")?],
+        })
+        .await?;
+    let online: Vec<String> = subscribed(&mut reader)
+        .await?
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
+    assert_eq!(online, ["bob"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_tracker_in_broadcast_mode_ignores_names_sent_ahead() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let _bob = Peer::start_json("bob", &tracker).await?;
+    let (_conn, mut reader, mut writer) = hello_thanks_ahead(
+        &Identity::generate()?,
+        &tracker.addr,
+        "me",
+        Some(vec![Name::parse("carol")?]),
+    )
+    .await?;
+    // The classic full list (everyone, not just the names followed)...
+    let mut listed = BTreeSet::new();
+    loop {
+        match next_frame(&mut reader).await? {
+            FromTracker::ClientList { peers, last } => {
+                listed.extend(peers.iter().map(|p| p.name.to_string()));
+                if last {
+                    break;
+                }
+            }
+            other => bail!("expected the client list, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        listed,
+        BTreeSet::from(["bob".to_string(), "me".to_string()])
+    );
+    // ...and nothing else: the next frame answers a lookup sent now.
+    writer
+        .send(ToTracker::Lookup {
+            req: 7,
+            name: Name::parse("bob")?,
+        })
+        .await?;
+    let reply = next_frame(&mut reader).await?;
+    assert!(
+        matches!(
+            reply,
+            FromTracker::LookupReply {
+                req: 7,
+                peer: Some(_)
+            }
+        ),
+        "{reply:?}"
+    );
     Ok(())
 }

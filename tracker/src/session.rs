@@ -31,7 +31,7 @@ use crate::{
     bucket::Bucket,
     mailbox::Mailbox,
     queue::FrameQueue,
-    registry::{Feed, FeedEnd, FirstView, JoinError, Registry, SessionId},
+    registry::{Feed, FeedEnd, FirstView, JoinError, MAX_SUBSCRIPTIONS, Registry, SessionId},
     relay::{Relay, punch_delays, serve_circuit},
     store::{NameStore, now_secs},
 };
@@ -253,11 +253,12 @@ impl Session {
         writer.set_backpressure_boundary(WRITE_BATCH);
 
         // 1. hello
-        let (name, local_addrs) = match step("Hello", reader.next()).await? {
+        let (name, local_addrs, follow) = match step("Hello", reader.next()).await? {
             Some(Ok(ToTracker::Hello {
                 name,
                 version,
                 local_addrs,
+                follow,
             })) => {
                 if version != PROTOCOL_VERSION {
                     return self
@@ -269,7 +270,7 @@ impl Session {
                         .reject(&mut writer, RejectReason::ProtocolViolation)
                         .await;
                 }
-                (name, local_addrs)
+                (name, local_addrs, follow)
             }
             Some(Ok(_)) => return Err(End::Protocol("expected Hello")),
             Some(Err(e)) => return Err(e.into()),
@@ -296,8 +297,14 @@ impl Session {
             max_peers: self.shared.max_peers,
         };
         let announcement = self.shared.registry.announcement();
-        self.write_all(&mut writer, std::iter::once(welcome).chain(announcement))
-            .await?;
+        let frames = std::iter::once(welcome).chain(announcement);
+        if reader.read_buffer().is_empty() {
+            self.write_all(&mut writer, frames).await?;
+        } else {
+            // The peer sent more behind Hello (pipelined Thanks): hold
+            // Welcome back so that it leaves with what answers those.
+            self.feed_all(&mut writer, frames).await?;
+        }
 
         // 4. thanks
         match step("Thanks", reader.next()).await? {
@@ -338,11 +345,26 @@ impl Session {
                 .await?;
             }
             FirstView::Subscribe => {
-                let names = match step("Subscribe", reader.next()).await? {
-                    Some(Ok(ToTracker::Subscribe { names })) => names,
-                    Some(Ok(_)) => return Err(End::Protocol("expected Subscribe")),
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(End::Eof),
+                let names = match follow {
+                    // Sent ahead with Hello: the first ones, up to the limit
+                    // SubscribeMode announced.
+                    Some(mut names) => {
+                        names.truncate(MAX_SUBSCRIPTIONS);
+                        names
+                    }
+                    None => match step("Subscribe", async {
+                        // Welcome may still be held back (above); the peer
+                        // waits for it before it sends Subscribe.
+                        SinkExt::<FromTracker>::flush(&mut writer).await?;
+                        Ok::<_, FrameError>(reader.next().await)
+                    })
+                    .await??
+                    {
+                        Some(Ok(ToTracker::Subscribe { names })) => names,
+                        Some(Ok(_)) => return Err(End::Protocol("expected Subscribe")),
+                        Some(Err(e)) => return Err(e.into()),
+                        None => return Err(End::Eof),
+                    },
                 };
                 self.subscribe(&mut writer, (&name, session), &names)
                     .await?;
@@ -687,6 +709,25 @@ impl Session {
     ) -> Result<(), End> {
         let mut frames = futures_util::stream::iter(frames.into_iter().map(Ok));
         match timeout(WRITE_TIMEOUT, writer.send_all(&mut frames)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(End::Lagging),
+        }
+    }
+
+    /// Queues `frames` without flushing: they leave with the next write
+    /// that flushes. Bounded by [`WRITE_TIMEOUT`] all the same.
+    async fn feed_all(
+        &self,
+        writer: &mut Writer,
+        frames: impl IntoIterator<Item = FromTracker>,
+    ) -> Result<(), End> {
+        let feed = async {
+            for frame in frames {
+                writer.feed(frame).await?;
+            }
+            Ok::<_, FrameError>(())
+        };
+        match timeout(WRITE_TIMEOUT, feed).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(End::Lagging),
         }
