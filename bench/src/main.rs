@@ -41,6 +41,10 @@ struct Args {
     /// Sizes for presence_scaling (comma-separated) [default: 1000,2000,4000].
     #[arg(long, value_delimiter = ',')]
     presence_sizes: Vec<usize>,
+    /// Rounds of tracker_enroll, each a bare-server and a tracker enrollment
+    /// of the whole swarm, in the order bare, tracker, tracker, bare, ... [default: 2].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=8))]
+    enroll_rounds: Option<u64>,
     /// Stop enrolling after this many seconds [default: 120, smoke: 60].
     #[arg(long)]
     deadline: Option<u64>,
@@ -109,6 +113,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(m) = args.tput_messages {
         opts.tput_messages = m.max(1);
+    }
+    if let Some(r) = args.enroll_rounds {
+        opts.enroll_rounds = usize::try_from(r).context("--enroll-rounds")?;
     }
     if let Some(secs) = args.deadline {
         opts.deadline = std::time::Duration::from_secs(secs.max(1));

@@ -77,6 +77,11 @@ pub struct Options {
     pub settle: Duration,
     /// Window over which idle CPU is measured.
     pub idle: Duration,
+    /// Rounds of the tracker_enroll comparison. Each enrolls the whole swarm
+    /// once with a bare server and once with a fresh tracker, in the order
+    /// bare, tracker, then tracker, bare, and so on, so that a machine that
+    /// gets busier or quieter during the run weighs on both sides alike.
+    pub enroll_rounds: usize,
     /// Stop enrolling after this long (the rate reached is reported, short).
     pub deadline: Duration,
     /// After the last enrollment, wait at most this long for the presence
@@ -122,6 +127,7 @@ impl Options {
             raw_tput_messages: 1_000_000,
             settle: Duration::from_secs(2),
             idle: Duration::from_secs(6),
+            enroll_rounds: 2,
             deadline: Duration::from_secs(120),
             drain: Duration::from_secs(60),
             tracker_bin,
@@ -373,12 +379,15 @@ struct Served {
     reports: Vec<PeerReport>,
 }
 
+/// Enrolls the swarm with `server`; with `hold`, then also waits for the
+/// presence fan-out and measures memory and idle CPU with every peer held.
 async fn serve_swarm(
     opts: &Options,
     server: &Server,
     configs: Vec<quinn::ClientConfig>,
     target: swarm::Target,
     presence: Presence,
+    hold: bool,
 ) -> Result<Served, BenchError> {
     let n = configs.len();
     let rss_before = server.usage()?.rss_bytes;
@@ -398,6 +407,20 @@ async fn serve_swarm(
     let enroll_cpu = phase.end(server)?;
     let server_drops = drops().saturating_sub(drops_before);
     let datagrams = datagrams().saturating_sub(datagrams_before);
+    if !hold {
+        let reports = swarm.stop().await;
+        return Ok(Served {
+            enrollment,
+            enroll_cpu,
+            presence_drain: None,
+            rss_before,
+            rss_held: rss_before,
+            idle_cpu: (0.0, 0.0),
+            server_drops,
+            datagrams,
+            reports,
+        });
+    }
     let presence_drain = match target {
         swarm::Target::Tracker { .. } => {
             let t = Instant::now();
@@ -430,6 +453,67 @@ async fn serve_swarm(
     })
 }
 
+/// Enrollments per second over all of `runs`.
+fn rate(runs: &[Served]) -> f64 {
+    let enrolled: usize = runs.iter().map(|s| s.enrollment.enrolled).sum();
+    let secs: f64 = runs
+        .iter()
+        .map(|s| s.enrollment.elapsed.as_secs_f64())
+        .sum();
+    enrolled as f64 / secs.max(f64::EPSILON)
+}
+
+/// One enrollment of the swarm with a bare quinn server process.
+async fn serve_bare(
+    opts: &Options,
+    dir: &Path,
+    ids: &[Identity],
+    hold: bool,
+) -> Result<Served, BenchError> {
+    let args = vec![
+        "bare-server".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    let bare = Server::start(
+        &opts.bench_bin,
+        &args,
+        &dir.join("bare.log"),
+        "bare listening on ",
+        None,
+    )
+    .await?;
+    let configs = swarm::client_configs(ids, swarm::Target::Bare)?;
+    let served = serve_swarm(
+        opts,
+        &bare,
+        configs,
+        swarm::Target::Bare,
+        Presence::Subscribe,
+        hold,
+    )
+    .await;
+    bare.stop().await;
+    served
+}
+
+/// One enrollment of the swarm with a fresh tracker (data dir `label`).
+async fn serve_tracker(
+    opts: &Options,
+    dir: &Path,
+    label: &str,
+    ids: &[Identity],
+    presence: Presence,
+    hold: bool,
+) -> Result<Served, BenchError> {
+    let (tracker, key) = start_tracker(opts, dir, label, ids.len(), presence).await?;
+    let target = swarm::Target::Tracker { key };
+    let configs = swarm::client_configs(ids, target)?;
+    let served = serve_swarm(opts, &tracker, configs, target, presence, hold).await;
+    tracker.stop().await;
+    served
+}
+
 fn identities(n: usize) -> Result<Vec<Identity>, BenchError> {
     (0..n)
         .map(|_| Identity::generate().map_err(|e| QuicError::from(e).into()))
@@ -446,37 +530,24 @@ async fn tracker_figures(
     let ids = identities(n)?;
     tracing::info!(n, took = ?t.elapsed(), "identities generated");
 
-    let bare_args = vec![
-        "bare-server".to_string(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-    ];
-    let bare = Server::start(
-        &opts.bench_bin,
-        &bare_args,
-        &dir.join("bare.log"),
-        "bare listening on ",
-        None,
-    )
-    .await?;
-    let configs = swarm::client_configs(&ids, swarm::Target::Bare)?;
-    let base = serve_swarm(
-        opts,
-        &bare,
-        configs,
-        swarm::Target::Bare,
-        Presence::Subscribe,
-    )
-    .await?;
-    bare.stop().await;
-
     // A tracker as big as this is run in subscribe mode (docs/operations.md).
     let presence = Presence::Subscribe;
-    let (tracker, key) = start_tracker(opts, dir, "enroll-tracker", n, presence).await?;
-    let target = swarm::Target::Tracker { key };
-    let configs = swarm::client_configs(&ids, target)?;
-    let tin = serve_swarm(opts, &tracker, configs, target, presence).await?;
-    tracker.stop().await;
+    let rounds = opts.enroll_rounds.max(1);
+    let (mut bare_runs, mut tracker_runs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // Memory and idle CPU are read in the first round only.
+        let hold = round == 0;
+        let bare_first = round % 2 == 0;
+        for bare in [bare_first, !bare_first] {
+            if bare {
+                bare_runs.push(serve_bare(opts, dir, &ids, hold).await?);
+            } else {
+                let label = format!("enroll-tracker-{round}");
+                tracker_runs.push(serve_tracker(opts, dir, &label, &ids, presence, hold).await?);
+            }
+        }
+    }
+    let (tin, base) = (&tracker_runs[0], &bare_runs[0]);
     report.note(format!(
         "tracker_enroll, tracker_memory, tracker_idle_cpu: the tracker ran with --presence {}; \
          each simulated peer follows {} others spread over the swarm (p(i±k·{}), k = 1…{}) and \
@@ -489,17 +560,18 @@ async fn tracker_figures(
         swarm::CONTACTS / 2
     ));
 
-    // tracker_enroll
-    let (tr, br) = (tin.enrollment.rate(), base.enrollment.rate());
+    // tracker_enroll: all rounds together (enrollments / time enrolling).
+    let (tr, br) = (rate(&tracker_runs), rate(&bare_runs));
     // An incomplete run (deadline, failures) still gives the rate it
     // reached; it is said so in a note and can only be short.
-    let complete = tin.enrollment.enrolled == n;
+    let enrolled: Vec<usize> = tracker_runs.iter().map(|s| s.enrollment.enrolled).collect();
+    let complete = enrolled.iter().all(|&e| e == n);
     let ratio = tr / br.max(f64::EPSILON);
     if !complete {
         report.note(format!(
-            "tracker_enroll is INCOMPLETE: {} of {n} peers enrolled before the deadline or \
-             failed; the ratio is the rate reached until then, and the goal is short",
-            tin.enrollment.enrolled
+            "tracker_enroll is INCOMPLETE: {enrolled:?} of {n} peers enrolled (per round) before \
+             the deadline or failed; the ratio is the rate reached until then, and the goal is \
+             short"
         ));
     }
     report.row(
@@ -520,15 +592,44 @@ async fn tracker_figures(
     // CPU per enrollment, server and load generator together: on a machine
     // both phases saturate, the rate ratio is the inverse of this ratio, and
     // it is less at the mercy of other work on the machine.
-    for (key, s) in [
-        ("tracker_cpu_us_per_enroll", &tin),
-        ("bare_cpu_us_per_enroll", &base),
+    for (key, runs) in [
+        ("tracker_cpu_us_per_enroll", &tracker_runs),
+        ("bare_cpu_us_per_enroll", &bare_runs),
     ] {
-        let (wall, server, own) = s.enroll_cpu;
-        let enrolled = s.enrollment.enrolled.max(1) as f64;
-        report.result(key, (server + own) * wall / enrolled * 1e6);
+        let cpu: f64 = runs
+            .iter()
+            .map(|s| (s.enroll_cpu.1 + s.enroll_cpu.2) * s.enroll_cpu.0)
+            .sum();
+        let enrolled: usize = runs.iter().map(|s| s.enrollment.enrolled).sum();
+        report.result(key, cpu / enrolled.max(1) as f64 * 1e6);
     }
-    for (who, s) in [("tracker", &tin), ("bare server", &base)] {
+    report.note(format!(
+        "tracker_enroll: {rounds} round(s), each enrolling all {n} peers with the bare server and \
+         with a fresh tracker (order: bare, tracker, then tracker, bare, ...); each rate is all \
+         enrollments over all the time spent enrolling; per round, tracker/bare: {}",
+        tracker_runs
+            .iter()
+            .zip(&bare_runs)
+            .map(|(t, b)| format!(
+                "{:.0}/{:.0} = {:.2}",
+                t.enrollment.rate(),
+                b.enrollment.rate(),
+                t.enrollment.rate() / b.enrollment.rate().max(f64::EPSILON)
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let phases = tracker_runs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("tracker, round {}", i + 1), s))
+        .chain(
+            bare_runs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("bare server, round {}", i + 1), s)),
+        );
+    for (who, s) in phases {
         let (wall, server, own) = s.enroll_cpu;
         report.note(format!(
             "enroll phase, {who}: {}/{n} enrolled ({} failed{}) in {wall:.2} s, {} at a time; CPU: \
@@ -583,7 +684,7 @@ async fn tracker_figures(
     let per = |s: &Served| {
         s.rss_held.saturating_sub(s.rss_before) as f64 / s.enrollment.enrolled.max(1) as f64
     };
-    let (tm, bm) = (per(&tin), per(&base));
+    let (tm, bm) = (per(tin), per(base));
     let ratio = tm / bm.max(f64::EPSILON);
     report.row(
         "tracker_memory / peer",
