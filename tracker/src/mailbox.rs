@@ -4,7 +4,12 @@
 //! nothing. The tracker stores only ciphertext it cannot read; what it does
 //! see is who sent to whom and when (docs/delivery.md).
 
-use std::{path::Path, sync::Mutex, time::Duration};
+use std::{
+    collections::HashSet,
+    path::Path,
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tincan_proto::{
@@ -30,6 +35,10 @@ fn sql_time(secs: u64) -> i64 {
 
 pub struct Mailbox {
     db: Mutex<Connection>,
+    /// The keys that may have held messages or notices waiting; any other
+    /// key enrolls without a query. Changed only with `db` locked, so it
+    /// agrees with the tables; as big as they are at most.
+    waiting: Mutex<HashSet<PeerId>>,
     path: String,
     ttl: Duration,
 }
@@ -70,15 +79,34 @@ impl Mailbox {
              CREATE INDEX IF NOT EXISTS notices_expiry ON notices (expires_at);",
         )
         .map_err(err)?;
+        let waiting = db
+            .prepare("SELECT to_id FROM held UNION SELECT to_id FROM notices")
+            .and_then(|mut stmt| {
+                stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(err)?
+            .iter()
+            .filter_map(|id| PeerId::from_bytes(id))
+            .collect();
         Ok(Self {
             db: Mutex::new(db),
+            waiting: Mutex::new(waiting),
             path: shown,
             ttl,
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+    fn lock(&self) -> MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `id` as having something waiting; call with `db` locked.
+    fn mark_waiting(&self, id: PeerId) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
@@ -180,12 +208,33 @@ impl Mailbox {
             ],
         )
         .map_err(|e| self.err(e))?;
+        self.mark_waiting(to_id);
         Ok(HoldResult::Held { expires_at })
+    }
+
+    /// What waits for `id` as it enrolls: the messages held for it, oldest
+    /// first, and its notices. No query for a key that has had none since
+    /// it last found none.
+    pub fn waiting_for(&self, id: PeerId) -> Result<(Vec<HeldMessage>, Vec<Notice>), StoreError> {
+        let db = self.lock();
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if !waiting.contains(&id) {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let held = self.held_in(&db, id)?;
+        let notices = self.notices_in(&db, id)?;
+        if held.is_empty() && notices.is_empty() {
+            waiting.remove(&id);
+        }
+        Ok((held, notices))
     }
 
     /// Everything held for `to_id`, oldest first.
     pub fn held_for(&self, to_id: PeerId) -> Result<Vec<HeldMessage>, StoreError> {
-        let db = self.lock();
+        self.held_in(&self.lock(), to_id)
+    }
+
+    fn held_in(&self, db: &Connection, to_id: PeerId) -> Result<Vec<HeldMessage>, StoreError> {
         // Sorted here, not with ORDER BY: this runs at every enrollment, and
         // SQLite (built with STAT4) prepares a statement with ORDER BY again
         // each time it is given another key (measured: most of the tracker's
@@ -256,22 +305,26 @@ impl Mailbox {
     pub fn add_notice(&self, sender: PeerId, notice: &Notice, now: u64) -> Result<(), StoreError> {
         let bytes = postcard::to_stdvec(notice)
             .map_err(|e| self.err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        self.lock()
-            .execute(
-                "INSERT OR REPLACE INTO notices (to_id, msg_id, notice, expires_at) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    &sender.0[..],
-                    &notice.id.0[..],
-                    bytes,
-                    sql_time(now.saturating_add(NOTICE_TTL.as_secs()))
-                ],
-            )
-            .map_err(|e| self.err(e))?;
+        let db = self.lock();
+        db.execute(
+            "INSERT OR REPLACE INTO notices (to_id, msg_id, notice, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                &sender.0[..],
+                &notice.id.0[..],
+                bytes,
+                sql_time(now.saturating_add(NOTICE_TTL.as_secs()))
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        self.mark_waiting(sender);
         Ok(())
     }
 
     pub fn notices_for(&self, sender: PeerId) -> Result<Vec<Notice>, StoreError> {
-        let db = self.lock();
+        self.notices_in(&self.lock(), sender)
+    }
+
+    fn notices_in(&self, db: &Connection, sender: PeerId) -> Result<Vec<Notice>, StoreError> {
         // Sorted here, not with ORDER BY (see held_for).
         let mut stmt = db
             .prepare_cached("SELECT rowid, notice FROM notices WHERE to_id = ?1")
@@ -388,6 +441,49 @@ mod tests {
         assert_eq!(m.take(bob, alice, id).unwrap(), Some(name("bob")));
         assert_eq!(m.take(bob, alice, id).unwrap(), None);
         assert!(m.held_for(bob).unwrap().is_empty());
+    }
+
+    #[test]
+    fn what_waits_at_enrollment_is_found_after_reopening_and_after_new_mail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, bob, carol) = (PeerId([1; 32]), PeerId([2; 32]), PeerId([3; 32]));
+        let id = MessageId([7; 16]);
+        let notice = Notice {
+            id,
+            to: name("bob"),
+            kind: NoticeKind::Expired,
+        };
+        {
+            let m = mailbox(&dir, HELD_TTL);
+            m.hold(&name("alice"), alice, &name("bob"), bob, id, b"sealed", 100)
+                .unwrap();
+            m.add_notice(alice, &notice, 100).unwrap();
+        }
+        // After a restart: what the tables hold is found.
+        let m = mailbox(&dir, HELD_TTL);
+        let (held, notices) = m.waiting_for(bob).unwrap();
+        assert_eq!((held.len(), notices.len()), (1, 0));
+        let (held, notices) = m.waiting_for(alice).unwrap();
+        assert_eq!((held.len(), notices), (0, vec![notice.clone()]));
+        assert_eq!(m.waiting_for(carol).unwrap(), (vec![], vec![]));
+        // Once found empty, a key still gets what arrives later.
+        m.take(bob, alice, id).unwrap();
+        m.notice_seen(alice, id).unwrap();
+        assert_eq!(m.waiting_for(bob).unwrap(), (vec![], vec![]));
+        assert_eq!(m.waiting_for(alice).unwrap(), (vec![], vec![]));
+        m.hold(
+            &name("carol"),
+            carol,
+            &name("bob"),
+            bob,
+            MessageId([8; 16]),
+            b"s",
+            200,
+        )
+        .unwrap();
+        m.add_notice(alice, &notice, 200).unwrap();
+        assert_eq!(m.waiting_for(bob).unwrap().0.len(), 1);
+        assert_eq!(m.waiting_for(alice).unwrap().1, vec![notice]);
     }
 
     #[test]

@@ -372,11 +372,7 @@ impl Session {
         }
 
         // Then whatever waited for this peer while it was away.
-        let waiting = self
-            .shared
-            .mailbox
-            .held_for(self.id)
-            .and_then(|held| Ok((held, self.shared.mailbox.notices_for(self.id)?)));
+        let waiting = self.shared.mailbox.waiting_for(self.id);
         match waiting {
             Ok((held, notices)) => {
                 for message in held {
