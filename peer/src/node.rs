@@ -478,7 +478,7 @@ impl Node {
             .acquire_owned()
             .await
             .map_err(|_| SendError::ShuttingDown)?;
-        let id = MessageId::random();
+        let id = MessageId::generate();
         let sent_at_ms = now_ms();
         self.inner.store.queue(id, &to, text, sent_at_ms)?;
         let msg = Outgoing::new(id, to.clone(), text.to_owned(), sent_at_ms, permit);

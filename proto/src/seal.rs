@@ -276,7 +276,7 @@ mod tests {
     fn sealed_message_opens_for_the_recipient_with_the_sender_verified() {
         let (alice, bob, bob_seal) = setup();
         let from = Name::parse("alice").unwrap();
-        let id = MessageId::random();
+        let id = MessageId::generate();
         let sealed = seal(
             &alice,
             &from,
@@ -303,7 +303,7 @@ mod tests {
             &from,
             bob.id(),
             &bob_seal.public(),
-            MessageId::random(),
+            MessageId::generate(),
             1,
             "x",
         )
@@ -329,7 +329,7 @@ mod tests {
             &from,
             bob.id(),
             &bob_seal.public(),
-            MessageId::random(),
+            MessageId::generate(),
             1,
             "x",
         )
@@ -344,7 +344,7 @@ mod tests {
         // The tracker (or anyone) can seal to bob, but cannot sign as alice.
         let (alice, bob, bob_seal) = setup();
         let mallory = Identity::generate().unwrap();
-        let id = MessageId::random();
+        let id = MessageId::generate();
         let sig = mallory
             .key_pair()
             .sign(&letter_signed_bytes(bob.id(), id, 1, "forged"))
@@ -377,13 +377,13 @@ mod tests {
         let signed = sign_seal_key(&bob, &bob_seal).unwrap();
         assert!(verify_seal_key(bob.id(), &signed));
         assert!(!verify_seal_key(alice.id(), &signed));
-        let id = MessageId::random();
+        let id = MessageId::generate();
         let receipt = sign_receipt(&bob, alice.id(), id).unwrap();
         assert!(verify_receipt(bob.id(), alice.id(), id, &receipt));
         assert!(!verify_receipt(
             bob.id(),
             alice.id(),
-            MessageId::random(),
+            MessageId::generate(),
             &receipt
         ));
         assert!(!verify_receipt(alice.id(), alice.id(), id, &receipt));

@@ -93,7 +93,7 @@ async fn peer_refuses_a_sender_whose_key_is_not_bound_to_the_claimed_name() -> R
         .await?;
     writer
         .send(ToReceiver::Msg {
-            id: MessageId::random(),
+            id: MessageId::generate(),
             sent_at_ms: 0,
             body: "I am alice, honest".into(),
         })
@@ -188,10 +188,10 @@ async fn tampered_or_forged_held_messages_are_refused_and_never_shown() -> Resul
         seal(&mallory, from, bob_id, &entry.seal.key, id, 1, body)
     };
 
-    let garbage = MessageId::random();
-    let flipped = MessageId::random();
-    let claims_alice = MessageId::random();
-    let honest = MessageId::random();
+    let garbage = MessageId::generate();
+    let flipped = MessageId::generate();
+    let claims_alice = MessageId::generate();
+    let honest = MessageId::generate();
     let mut tampered = sealed(&me, flipped, "tampered in transit")?;
     let last = tampered.len() - 1;
     tampered[last] ^= 0x01;

@@ -179,7 +179,7 @@ async fn a_relayed_peer_presenting_another_key_is_refused_and_nothing_is_shown()
             .await;
         let _ = w
             .send(ToReceiver::Msg {
-                id: tincan_proto::MessageId::random(),
+                id: tincan_proto::MessageId::generate(),
                 sent_at_ms: 0,
                 body: "should never show".into(),
             })
