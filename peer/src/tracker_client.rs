@@ -309,19 +309,33 @@ async fn read_pages(
 /// dealt with (a pinned key) and the names on its client list, in name
 /// order, at most `max`.
 fn names_to_follow(inner: &Inner, max: usize) -> Vec<Name> {
-    let me = inner.config.name.key();
     let known = inner.store.known_names(max).unwrap_or_else(|e| {
         warn!(error = %e, "cannot read the known names");
         Vec::new()
     });
     let listed = inner.directory().all().into_iter().map(|p| p.name);
-    let names: std::collections::BTreeMap<String, Name> = known
-        .into_iter()
-        .chain(listed)
-        .map(|n| (n.key(), n))
-        .filter(|(key, _)| *key != me)
-        .collect();
-    names.into_values().take(max).collect()
+    follow_order(&inner.config.name, known, listed, max)
+}
+
+/// The names to follow, at most `max`: the contacts (`known`, names with a
+/// pinned key) first, then the others this peer has seen (`listed`), each
+/// group in name order, each name once, never `me`.
+fn follow_order(
+    me: &Name,
+    known: Vec<Name>,
+    listed: impl Iterator<Item = Name>,
+    max: usize,
+) -> Vec<Name> {
+    let mut seen = std::collections::HashSet::from([me.key()]);
+    let mut first = |names: &mut Vec<Name>| {
+        names.sort_by_key(Name::key);
+        names.retain(|n| seen.insert(n.key()));
+    };
+    let mut contacts = known;
+    first(&mut contacts);
+    let mut others: Vec<Name> = listed.collect();
+    first(&mut others);
+    contacts.into_iter().chain(others).take(max).collect()
 }
 
 /// One page of everyone online after `after`, in name order (at most
@@ -696,5 +710,26 @@ async fn reconnect(
                 delay = (delay * 2).min(RECONNECT_MAX);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<Name> {
+        list.iter().map(|n| Name::parse(n).unwrap()).collect()
+    }
+
+    #[test]
+    fn contacts_are_followed_first_then_others_each_once_never_oneself() {
+        let me = Name::parse("me").unwrap();
+        let known = names(&["zoe", "Bob"]);
+        let listed = names(&["alice", "bob", "ME", "carol", "alice"]);
+        let all = follow_order(&me, known.clone(), listed.clone().into_iter(), 10);
+        assert_eq!(all, names(&["Bob", "zoe", "alice", "carol"]));
+        // At the limit, the contacts stay and the others give way.
+        let two = follow_order(&me, known, listed.into_iter(), 2);
+        assert_eq!(two, names(&["Bob", "zoe"]));
     }
 }
