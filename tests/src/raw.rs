@@ -101,24 +101,42 @@ async fn hello_thanks_from(
     name: &str,
     local_addrs: Vec<SocketAddr>,
 ) -> Result<(Connection, TrackerReader, TrackerWriter)> {
-    let conn = connect_as(identity, addr, ALPN_TRACKER, None).await?;
-    let (send, recv) = conn.open_bi().await?;
-    let mut reader: TrackerReader = FramedRead::new(recv, Codec::default());
-    let mut writer: TrackerWriter = FramedWrite::new(send, Codec::default());
-    writer
-        .send(ToTracker::Hello {
-            name: Name::parse(name)?,
-            version: tincan_proto::PROTOCOL_VERSION,
-            local_addrs,
-            follow: None,
-        })
-        .await?;
-    let welcome = next_frame(&mut reader).await?;
-    if !matches!(welcome, FromTracker::Welcome { .. }) {
-        bail!("expected Welcome, got {welcome:?}");
-    }
+    let (conn, mut reader, mut writer) = control_stream(identity, addr).await?;
+    writer.send(hello(name, local_addrs, None)?).await?;
+    welcome(&mut reader).await?;
     writer.send(ToTracker::Thanks).await?;
     Ok((conn, reader, writer))
+}
+
+/// A connection to the tracker and its control stream.
+async fn control_stream(
+    identity: &Identity,
+    addr: &str,
+) -> Result<(Connection, TrackerReader, TrackerWriter)> {
+    let conn = connect_as(identity, addr, ALPN_TRACKER, None).await?;
+    let (send, recv) = conn.open_bi().await?;
+    Ok((
+        conn,
+        FramedRead::new(recv, Codec::default()),
+        FramedWrite::new(send, Codec::default()),
+    ))
+}
+
+fn hello(name: &str, local_addrs: Vec<SocketAddr>, follow: Option<Vec<Name>>) -> Result<ToTracker> {
+    Ok(ToTracker::Hello {
+        name: Name::parse(name)?,
+        version: tincan_proto::PROTOCOL_VERSION,
+        local_addrs,
+        follow,
+    })
+}
+
+/// Reads the next frame, which must be `Welcome`.
+async fn welcome(reader: &mut TrackerReader) -> Result<()> {
+    match next_frame(reader).await? {
+        FromTracker::Welcome { .. } => Ok(()),
+        other => bail!("expected Welcome, got {other:?}"),
+    }
 }
 
 /// A peer enrolled with a tracker in subscribe mode.
@@ -167,23 +185,10 @@ pub async fn hello_thanks_ahead(
     name: &str,
     follow: Option<Vec<Name>>,
 ) -> Result<(Connection, TrackerReader, TrackerWriter)> {
-    let conn = connect_as(identity, addr, ALPN_TRACKER, None).await?;
-    let (send, recv) = conn.open_bi().await?;
-    let mut reader: TrackerReader = FramedRead::new(recv, Codec::default());
-    let mut writer: TrackerWriter = FramedWrite::new(send, Codec::default());
-    writer
-        .feed(ToTracker::Hello {
-            name: Name::parse(name)?,
-            version: tincan_proto::PROTOCOL_VERSION,
-            local_addrs: vec![],
-            follow,
-        })
-        .await?;
+    let (conn, mut reader, mut writer) = control_stream(identity, addr).await?;
+    writer.feed(hello(name, vec![], follow)?).await?;
     writer.send(ToTracker::Thanks).await?;
-    let welcome = next_frame(&mut reader).await?;
-    if !matches!(welcome, FromTracker::Welcome { .. }) {
-        bail!("expected Welcome, got {welcome:?}");
-    }
+    welcome(&mut reader).await?;
     Ok((conn, reader, writer))
 }
 

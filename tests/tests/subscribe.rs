@@ -17,10 +17,19 @@ use tincan_proto::{
 use tincan_tests::{
     Mode, Peer, PeerOpts, Tracker, WAIT, peer_names,
     raw::{
-        Following, closed_with, enroll_following, frame_where, hello_thanks, hello_thanks_ahead,
-        next_frame, subscribed,
+        Following, TrackerReader, closed_with, enroll_following, frame_where, hello_thanks,
+        hello_thanks_ahead, next_frame, subscribed,
     },
 };
+
+/// The names in the `Subscribed` pages up to the last one.
+async fn subscribed_names(reader: &mut TrackerReader) -> Result<Vec<String>> {
+    Ok(subscribed(reader)
+        .await?
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect())
+}
 
 async fn subscribe_tracker() -> Result<Tracker> {
     Tracker::start_with(&["--presence", "subscribe"]).await
@@ -396,12 +405,7 @@ async fn names_sent_ahead_with_hello_are_followed_without_a_subscribe() -> Resul
     let FromTracker::SubscribeMode { max_subscriptions } = mode else {
         bail!("expected SubscribeMode, got {mode:?}");
     };
-    let online: Vec<String> = subscribed(&mut reader)
-        .await?
-        .iter()
-        .map(|p| p.name.to_string())
-        .collect();
-    assert_eq!(online, ["bob"]);
+    assert_eq!(subscribed_names(&mut reader).await?, ["bob"]);
     // carol is followed, dave is not: only carol's join arrives.
     let _dave = Peer::start_json("dave", &tracker).await?;
     let _carol = Peer::start_json("carol", &tracker).await?;
@@ -448,12 +452,7 @@ async fn thanks_sent_ahead_without_names_is_welcomed_before_the_tracker_waits_fo
             names: vec![Name::parse("bob")?],
         })
         .await?;
-    let online: Vec<String> = subscribed(&mut reader)
-        .await?
-        .iter()
-        .map(|p| p.name.to_string())
-        .collect();
-    assert_eq!(online, ["bob"]);
+    assert_eq!(subscribed_names(&mut reader).await?, ["bob"]);
     Ok(())
 }
 
