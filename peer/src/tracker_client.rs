@@ -45,6 +45,9 @@ pub const MAX_FOLLOWED: usize = 1_024;
 type Reader = FramedRead<RecvStream, Codec<FromTracker, ()>>;
 type Writer = FramedWrite<SendStream, Codec<(), ToTracker>>;
 
+/// The TLS alert a tracker sends when it offers none of our ALPNs.
+const NO_APPLICATION_PROTOCOL: u8 = 120;
+
 /// Why enrolling failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -64,6 +67,12 @@ pub enum EnrollError {
     },
     #[error("the tracker refused the name: {0}")]
     Rejected(RejectReason),
+    #[error(
+        "the tracker at {addr} speaks another protocol version than this peer ({}); \
+         run the same tincan version on both",
+        String::from_utf8_lossy(ALPN_TRACKER)
+    )]
+    OtherVersion { addr: String },
     #[error("the tracker broke the protocol: {0}")]
     Protocol(String),
     #[error(transparent)]
@@ -80,11 +89,14 @@ pub enum ListError {
 impl EnrollError {
     /// Errors that retrying cannot fix.
     pub fn is_permanent(&self) -> bool {
-        matches!(
-            self,
-            EnrollError::Rejected(reason)
-                if !matches!(reason, RejectReason::Unavailable | RejectReason::TrackerFull)
-        )
+        match self {
+            EnrollError::Rejected(reason) => !matches!(
+                reason,
+                RejectReason::Unavailable | RejectReason::TrackerFull
+            ),
+            EnrollError::OtherVersion { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -155,6 +167,14 @@ pub async fn enroll(inner: &Inner, pin: Option<PeerId>) -> Result<Enrolled, Enro
         .map_err(|e| unreachable(e.to_string()))?;
     let conn = match timeout(TRACKER_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => conn,
+        // TLS alert no_application_protocol: the tracker does not offer our
+        // ALPN, that is, it speaks another protocol version. Retrying cannot
+        // help.
+        Ok(Err(quinn::ConnectionError::ConnectionClosed(close)))
+            if close.error_code == quinn::TransportErrorCode::crypto(NO_APPLICATION_PROTOCOL) =>
+        {
+            return Err(EnrollError::OtherVersion { addr: tracker });
+        }
         Ok(Err(e)) => return Err(unreachable(e.to_string())),
         Err(_) => return Err(unreachable(format!("no answer within {TRACKER_TIMEOUT:?}"))),
     };

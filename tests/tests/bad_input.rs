@@ -184,3 +184,68 @@ async fn a_tracker_key_given_on_the_command_line_is_insisted_on() -> Result<()> 
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_peer_of_an_older_protocol_version_is_refused_at_the_handshake() -> Result<()> {
+    // Version 2 changed Hello; a version-1 peer offers ALPN tincan-tracker/1.
+    let tracker = Tracker::start().await?;
+    let old = tincan_tests::raw::connect_as(
+        &tincan_proto::tls::Identity::generate()?,
+        &tracker.addr,
+        b"tincan-tracker/1",
+        None,
+    )
+    .await;
+    let err = old.err().context("an old peer completed a handshake")?;
+    // TLS alert 120, no_application_protocol: "peer doesn't support any
+    // known protocol".
+    assert!(format!("{err:#}").contains("error 120"), "{err:#}");
+    // The current version is welcome.
+    tincan_tests::raw::enroll(
+        &tincan_proto::tls::Identity::generate()?,
+        &tracker.addr,
+        "new",
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_tracker_of_another_protocol_version_is_a_clear_final_error() -> Result<()> {
+    // A QUIC server with tincan's TLS that offers only the version-1 ALPN,
+    // as a tracker from before version 2 does.
+    let identity = tincan_proto::tls::Identity::generate()?;
+    let tls = tincan_proto::tls::server_config(&identity, &[b"tincan-tracker/1"])?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let server = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto)),
+        "127.0.0.1:0".parse()?,
+    )?;
+    let addr = server.local_addr()?.to_string();
+    let accepting = tokio::spawn({
+        let server = server.clone();
+        async move {
+            while let Some(incoming) = server.accept().await {
+                let _ = incoming.await;
+            }
+        }
+    });
+    let dir = tempfile::tempdir()?;
+    let (code, stderr) = run_to_end(
+        "peer",
+        &[
+            "--name",
+            "alice",
+            "--tracker",
+            &addr,
+            "--data-dir",
+            dir.path().to_str().context("path")?,
+        ],
+    )
+    .await?;
+    server.close(0u32.into(), b"done");
+    accepting.abort();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("protocol version"), "{stderr}");
+    Ok(())
+}
