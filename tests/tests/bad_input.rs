@@ -25,6 +25,24 @@ async fn run_to_end(program: &str, args: &[&str]) -> Result<(Option<i32>, String
     ))
 }
 
+/// Runs a peer `alice` with a fresh data directory against the tracker
+/// address `addr` until it exits; returns (exit code, stderr).
+async fn alice_against(addr: &str) -> Result<(Option<i32>, String)> {
+    let dir = tempfile::tempdir()?;
+    run_to_end(
+        "peer",
+        &[
+            "--name",
+            "alice",
+            "--tracker",
+            addr,
+            "--data-dir",
+            dir.path().to_str().context("path")?,
+        ],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn taken_name_is_refused_while_its_owner_is_online() -> Result<()> {
     let tracker = Tracker::start().await?;
@@ -48,20 +66,8 @@ async fn unreachable_tracker_is_a_clear_error_after_a_bounded_wait() -> Result<(
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
     let addr = socket.local_addr()?.to_string();
     drop(socket);
-    let dir = tempfile::tempdir()?;
     let started = Instant::now();
-    let (code, stderr) = run_to_end(
-        "peer",
-        &[
-            "--name",
-            "alice",
-            "--tracker",
-            &addr,
-            "--data-dir",
-            dir.path().to_str().context("path")?,
-        ],
-    )
-    .await?;
+    let (code, stderr) = alice_against(&addr).await?;
     assert_ne!(code, Some(0));
     assert!(stderr.contains("cannot reach the tracker"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(12));
@@ -230,19 +236,7 @@ async fn a_tracker_of_another_protocol_version_is_a_clear_final_error() -> Resul
             }
         }
     });
-    let dir = tempfile::tempdir()?;
-    let (code, stderr) = run_to_end(
-        "peer",
-        &[
-            "--name",
-            "alice",
-            "--tracker",
-            &addr,
-            "--data-dir",
-            dir.path().to_str().context("path")?,
-        ],
-    )
-    .await?;
+    let (code, stderr) = alice_against(&addr).await?;
     server.close(0u32.into(), b"done");
     accepting.abort();
     assert_eq!(code, Some(1), "{stderr}");
