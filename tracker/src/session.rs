@@ -297,14 +297,11 @@ impl Session {
             max_peers: self.shared.max_peers,
         };
         let announcement = self.shared.registry.announcement();
+        // When the peer sent more behind Hello (Thanks sent ahead), Welcome
+        // is held back to leave with what answers those.
+        let flush = reader.read_buffer().is_empty();
         let frames = std::iter::once(welcome).chain(announcement);
-        if reader.read_buffer().is_empty() {
-            self.write_all(&mut writer, frames).await?;
-        } else {
-            // The peer sent more behind Hello (pipelined Thanks): hold
-            // Welcome back so that it leaves with what answers those.
-            self.feed_all(&mut writer, frames).await?;
-        }
+        self.write_all(&mut writer, frames, flush).await?;
 
         // 4. thanks
         match step("Thanks", reader.next()).await? {
@@ -697,33 +694,25 @@ impl Session {
         }
     }
 
-    /// Writes `frames` with a single flush, bounded by [`WRITE_TIMEOUT`].
+    /// Writes `frames`, and with `flush` sends them with a single flush
+    /// (without, they leave with the next write that flushes), bounded by
+    /// [`WRITE_TIMEOUT`].
     async fn write_all(
         &self,
         writer: &mut Writer,
         frames: impl IntoIterator<Item = FromTracker>,
+        flush: bool,
     ) -> Result<(), End> {
-        let mut frames = futures_util::stream::iter(frames.into_iter().map(Ok));
-        match timeout(WRITE_TIMEOUT, writer.send_all(&mut frames)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(End::Lagging),
-        }
-    }
-
-    /// Queues `frames` without flushing: they leave with the next write
-    /// that flushes. Bounded by [`WRITE_TIMEOUT`] all the same.
-    async fn feed_all(
-        &self,
-        writer: &mut Writer,
-        frames: impl IntoIterator<Item = FromTracker>,
-    ) -> Result<(), End> {
-        let feed = async {
+        let write = async {
             for frame in frames {
                 writer.feed(frame).await?;
             }
+            if flush {
+                SinkExt::<FromTracker>::flush(writer).await?;
+            }
             Ok::<_, FrameError>(())
         };
-        match timeout(WRITE_TIMEOUT, feed).await {
+        match timeout(WRITE_TIMEOUT, write).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(End::Lagging),
         }
