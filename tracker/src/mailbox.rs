@@ -6,6 +6,7 @@
 
 use std::{
     collections::HashSet,
+    ops::Deref,
     path::Path,
     sync::{Mutex, MutexGuard},
     time::Duration,
@@ -34,13 +35,26 @@ fn sql_time(secs: u64) -> i64 {
 }
 
 pub struct Mailbox {
-    db: Mutex<Connection>,
-    /// The keys that may have held messages or notices waiting; any other
-    /// key enrolls without a query. Changed only with `db` locked, so it
-    /// agrees with the tables; as big as they are at most.
-    waiting: Mutex<HashSet<PeerId>>,
+    db: Mutex<Db>,
     path: String,
     ttl: Duration,
+}
+
+/// The connection, and what the mailbox knows of its tables without a
+/// query: behind one lock, so the two always agree.
+struct Db {
+    conn: Connection,
+    /// The keys that may have held messages or notices waiting; any other
+    /// key enrolls without a query. As big as the tables at most.
+    waiting: HashSet<PeerId>,
+}
+
+impl Deref for Db {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
 }
 
 impl Mailbox {
@@ -90,23 +104,14 @@ impl Mailbox {
             .filter_map(|id| PeerId::from_bytes(id))
             .collect();
         Ok(Self {
-            db: Mutex::new(db),
-            waiting: Mutex::new(waiting),
+            db: Mutex::new(Db { conn: db, waiting }),
             path: shown,
             ttl,
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
+    fn lock(&self) -> MutexGuard<'_, Db> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Marks `id` as having something waiting; call with `db` locked.
-    fn mark_waiting(&self, id: PeerId) {
-        self.waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id);
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
@@ -163,7 +168,7 @@ impl Mailbox {
         if sealed.len() > MAX_SEALED_LEN {
             return Ok(HoldResult::TooLarge);
         }
-        let db = self.lock();
+        let mut db = self.lock();
         let count = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<u32, StoreError> {
             db.query_row(sql, p, |r| r.get(0)).map_err(|e| self.err(e))
         };
@@ -208,7 +213,7 @@ impl Mailbox {
             ],
         )
         .map_err(|e| self.err(e))?;
-        self.mark_waiting(to_id);
+        db.waiting.insert(to_id);
         Ok(HoldResult::Held { expires_at })
     }
 
@@ -216,20 +221,20 @@ impl Mailbox {
     /// first, and its notices. No query for a key that has had none since
     /// it last found none.
     pub fn waiting_for(&self, id: PeerId) -> Result<(Vec<HeldMessage>, Vec<Notice>), StoreError> {
-        let db = self.lock();
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        if !waiting.contains(&id) {
+        let mut db = self.lock();
+        if !db.waiting.contains(&id) {
             return Ok((Vec::new(), Vec::new()));
         }
         let held = self.held_in(&db, id)?;
         let notices = self.notices_in(&db, id)?;
         if held.is_empty() && notices.is_empty() {
-            waiting.remove(&id);
+            db.waiting.remove(&id);
         }
         Ok((held, notices))
     }
 
     /// Everything held for `to_id`, oldest first.
+    #[cfg(test)]
     pub fn held_for(&self, to_id: PeerId) -> Result<Vec<HeldMessage>, StoreError> {
         self.held_in(&self.lock(), to_id)
     }
@@ -305,7 +310,7 @@ impl Mailbox {
     pub fn add_notice(&self, sender: PeerId, notice: &Notice, now: u64) -> Result<(), StoreError> {
         let bytes = postcard::to_stdvec(notice)
             .map_err(|e| self.err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        let db = self.lock();
+        let mut db = self.lock();
         db.execute(
             "INSERT OR REPLACE INTO notices (to_id, msg_id, notice, expires_at) VALUES (?1, ?2, ?3, ?4)",
             params![
@@ -316,10 +321,11 @@ impl Mailbox {
             ],
         )
         .map_err(|e| self.err(e))?;
-        self.mark_waiting(sender);
+        db.waiting.insert(sender);
         Ok(())
     }
 
+    #[cfg(test)]
     pub fn notices_for(&self, sender: PeerId) -> Result<Vec<Notice>, StoreError> {
         self.notices_in(&self.lock(), sender)
     }
