@@ -326,8 +326,8 @@ async fn read_pages(
 }
 
 /// Whom this peer follows on a tracker in subscribe mode: the names it has
-/// dealt with (a pinned key) and the names on its client list, in name
-/// order, at most `max`.
+/// dealt with (a pinned key), then the others on its client list, at most
+/// `max` (see [`follow_order`]).
 fn names_to_follow(inner: &Inner, max: usize) -> Vec<Name> {
     let known = inner.store.known_names(max).unwrap_or_else(|e| {
         warn!(error = %e, "cannot read the known names");
@@ -347,14 +347,14 @@ fn follow_order(
     max: usize,
 ) -> Vec<Name> {
     let mut seen = std::collections::HashSet::from([me.key()]);
-    let mut first = |names: &mut Vec<Name>| {
+    let mut sorted_unseen = |names: &mut Vec<Name>| {
         names.sort_by_key(Name::key);
         names.retain(|n| seen.insert(n.key()));
     };
     let mut contacts = known;
-    first(&mut contacts);
+    sorted_unseen(&mut contacts);
     let mut others: Vec<Name> = listed.collect();
-    first(&mut others);
+    sorted_unseen(&mut others);
     contacts.into_iter().chain(others).take(max).collect()
 }
 
