@@ -221,10 +221,8 @@ async fn a_tracker_of_another_protocol_version_is_a_clear_final_error() -> Resul
     // A QUIC server with tincan's TLS that offers only the version-1 ALPN,
     // as a tracker from before version 2 does.
     let identity = tincan_proto::tls::Identity::generate()?;
-    let tls = tincan_proto::tls::server_config(&identity, &[b"tincan-tracker/1"])?;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     let server = quinn::Endpoint::server(
-        quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto)),
+        tincan_tracker::server_config(&identity, b"tincan-tracker/1")?,
         "127.0.0.1:0".parse()?,
     )?;
     let addr = server.local_addr()?.to_string();
