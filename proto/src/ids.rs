@@ -49,8 +49,8 @@ impl fmt::Debug for PeerId {
 /// The receiver shows each id once; acknowledgements echo it. The time comes
 /// first so that the ids a peer stores arrive in nearly ascending order:
 /// each one lands next to the last in the database's indexes instead of at
-/// a random page (docs/delivery.md). It tells nothing the message's
-/// `sent_at_ms` does not already say.
+/// a random page. It tells the receiver nothing the message's `sent_at_ms`
+/// does not already say; what it tells the tracker: docs/delivery.md.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MessageId(pub [u8; 16]);
 
