@@ -201,6 +201,8 @@ impl Tracker {
             .close(close::NORMAL.into(), b"tracker shutting down");
         tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+        // The sessions that ended recorded their names' last use.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.names.flush()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }

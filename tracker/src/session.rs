@@ -33,7 +33,7 @@ use crate::{
     queue::FrameQueue,
     registry::{Feed, FeedEnd, FirstView, JoinError, MAX_SUBSCRIPTIONS, Registry, SessionId},
     relay::{Relay, punch_delays, serve_circuit},
-    store::{NameStore, now_secs},
+    store::{NameStore, Verdict, now_secs},
 };
 
 /// Longest wait for each enrollment step (handshake, Hello, Thanks).
@@ -231,9 +231,7 @@ impl Session {
     fn leave(&self, name: &Name, session: u64) {
         if self.shared.registry.leave(name, session) {
             info!(name = %name, "left");
-            if let Err(e) = self.shared.names.touch(name, self.id, now_secs()) {
-                warn!(error = %e, "cannot record last use of name");
-            }
+            self.shared.names.touch(name, self.id, now_secs());
         }
     }
 
@@ -284,7 +282,8 @@ impl Session {
         }
         // Checked now, bound only once the peer has said thanks, so a
         // peer that never finishes enrolling does not keep the name.
-        if let Err(reason) = self.bind_check(&name, false) {
+        let free = self.shared.names.check(&name, self.id, now_secs());
+        if let Err(reason) = name_verdict(free) {
             return self.reject(&mut writer, reason).await;
         }
 
@@ -311,7 +310,12 @@ impl Session {
             None => return Err(End::Eof),
         }
 
-        if let Err(reason) = self.bind_check(&name, true) {
+        let bound = step(
+            "the name binding",
+            self.shared.names.bind(&name, self.id, now_secs()),
+        )
+        .await?;
+        if let Err(reason) = name_verdict(bound) {
             return self.reject(&mut writer, reason).await;
         }
 
@@ -676,24 +680,6 @@ impl Session {
         })
     }
 
-    /// The name store's verdict on this key taking `name` (binding it if `bind`).
-    fn bind_check(&self, name: &Name, bind: bool) -> Result<(), RejectReason> {
-        let names = &self.shared.names;
-        let verdict = if bind {
-            names.bind(name, self.id, now_secs())
-        } else {
-            names.check(name, self.id, now_secs())
-        };
-        match verdict {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(RejectReason::NameBound),
-            Err(e) => {
-                warn!(error = %e, "name store failed");
-                Err(RejectReason::Unavailable)
-            }
-        }
-    }
-
     /// Writes `frames`, and with `flush` sends them with a single flush
     /// (without, they leave with the next write that flushes), bounded by
     /// [`WRITE_TIMEOUT`].
@@ -838,6 +824,18 @@ async fn elapsed(timer: &mut Option<Pin<Box<Sleep>>>) {
     match timer {
         Some(timer) => timer.as_mut().await,
         None => std::future::pending().await,
+    }
+}
+
+/// What the name store said of this key taking a name, as the peer is told.
+fn name_verdict(verdict: Verdict) -> Result<(), RejectReason> {
+    match verdict {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(RejectReason::NameBound),
+        Err(e) => {
+            warn!(error = %e, "name store failed");
+            Err(RejectReason::Unavailable)
+        }
     }
 }
 
