@@ -413,35 +413,32 @@ mod tests {
         Name::parse(s).unwrap()
     }
 
+    /// The store's verdict on key `[k; 32]` binding `n` at `at`, once committed.
+    async fn bind(s: &SqliteNames, n: &str, k: u8, at: u64) -> Result<(), BindError> {
+        s.bind(&name(n), PeerId([k; 32]), at).await.unwrap()
+    }
+
+    fn check(s: &SqliteNames, n: &str, k: u8, at: u64) -> Result<(), BindError> {
+        s.check(&name(n), PeerId([k; 32]), at).unwrap()
+    }
+
     #[tokio::test]
     async fn first_key_binds_a_free_name_and_may_use_it_again() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        assert_eq!(
-            s.bind(&name("bob"), PeerId([1; 32]), 100).await.unwrap(),
-            Ok(())
-        );
-        assert_eq!(
-            s.bind(&name("bob"), PeerId([1; 32]), 200).await.unwrap(),
-            Ok(())
-        );
+        assert_eq!(bind(&s, "bob", 1, 100).await, Ok(()));
+        assert_eq!(bind(&s, "bob", 1, 200).await, Ok(()));
     }
 
     #[tokio::test]
     async fn another_key_is_refused_within_retention_in_any_case() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        s.bind(&name("bob"), PeerId([1; 32]), 100)
-            .await
-            .unwrap()
-            .unwrap();
+        bind(&s, "bob", 1, 100).await.unwrap();
         let later = 100 + NAME_RETENTION.as_secs() - 1;
+        assert_eq!(check(&s, "BOB", 2, later), Err(BindError::BoundToOtherKey));
         assert_eq!(
-            s.check(&name("BOB"), PeerId([2; 32]), later).unwrap(),
-            Err(BindError::BoundToOtherKey)
-        );
-        assert_eq!(
-            s.bind(&name("BOB"), PeerId([2; 32]), later).await.unwrap(),
+            bind(&s, "BOB", 2, later).await,
             Err(BindError::BoundToOtherKey)
         );
     }
@@ -450,24 +447,13 @@ mod tests {
     async fn another_key_may_take_a_name_unused_for_the_whole_retention() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        s.bind(&name("bob"), PeerId([1; 32]), 100)
-            .await
-            .unwrap()
-            .unwrap();
+        bind(&s, "bob", 1, 100).await.unwrap();
         let later = 100 + NAME_RETENTION.as_secs();
-        assert_eq!(
-            s.check(&name("bob"), PeerId([2; 32]), later).unwrap(),
-            Ok(())
-        );
-        assert_eq!(
-            s.bind(&name("bob"), PeerId([2; 32]), later).await.unwrap(),
-            Ok(())
-        );
+        assert_eq!(check(&s, "bob", 2, later), Ok(()));
+        assert_eq!(bind(&s, "bob", 2, later).await, Ok(()));
         // ...and now the old key is the stranger.
         assert_eq!(
-            s.bind(&name("bob"), PeerId([1; 32]), later + 1)
-                .await
-                .unwrap(),
+            bind(&s, "bob", 1, later + 1).await,
             Err(BindError::BoundToOtherKey)
         );
     }
@@ -477,17 +463,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = store(&dir);
-            s.bind(&name("bob"), PeerId([1; 32]), 100)
-                .await
-                .unwrap()
-                .unwrap();
+            bind(&s, "bob", 1, 100).await.unwrap();
             // Not waited for: dropping the store commits it.
             s.touch(&name("bob"), PeerId([1; 32]), 1_000_000);
         }
         let s = store(&dir);
         let within = 1_000_000 + NAME_RETENTION.as_secs() - 1;
         assert_eq!(
-            s.bind(&name("bob"), PeerId([2; 32]), within).await.unwrap(),
+            bind(&s, "bob", 2, within).await,
             Err(BindError::BoundToOtherKey)
         );
     }
@@ -527,18 +510,12 @@ mod tests {
     async fn flush_waits_for_the_writes_queued_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        s.bind(&name("bob"), PeerId([1; 32]), 100)
-            .await
-            .unwrap()
-            .unwrap();
+        bind(&s, "bob", 1, 100).await.unwrap();
         s.touch(&name("bob"), PeerId([1; 32]), 5_000_000);
         s.flush().await;
         // The read connection sees the touch: a stranger is refused at a
         // time that only the touch keeps within the retention window.
         let within = 5_000_000 + NAME_RETENTION.as_secs() - 1;
-        assert_eq!(
-            s.check(&name("bob"), PeerId([2; 32]), within).unwrap(),
-            Err(BindError::BoundToOtherKey)
-        );
+        assert_eq!(check(&s, "bob", 2, within), Err(BindError::BoundToOtherKey));
     }
 }
