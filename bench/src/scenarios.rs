@@ -665,11 +665,16 @@ async fn tracker_figures(
             .map(|d| format!("{:.2} s", d.as_secs_f64()))
             .unwrap_or_else(|| "NOT (deadline)".into()),
     ));
-    let dropped = tin.reports.iter().filter(|r| r.dropped.is_some()).count();
-    if let Some(reason) = tin.reports.iter().find_map(|r| r.dropped.clone()) {
-        report.note(format!(
-            "tracker dropped or failed {dropped} simulated peers; first reason: {reason}"
-        ));
+    // Both servers: at sizes this machine cannot carry, the bare server
+    // loses peers too, and the two counts say which side gave way.
+    for (server, phase) in [("tracker", tin), ("bare server", base)] {
+        let dropped = phase.reports.iter().filter(|r| r.dropped.is_some()).count();
+        if let Some(reason) = phase.reports.iter().find_map(|r| r.dropped.clone()) {
+            report.note(format!(
+                "{server} (first round) dropped or failed {dropped} simulated peers; first \
+                 reason: {reason}"
+            ));
+        }
     }
     report.goal(Goal {
         name: "tracker_enroll",

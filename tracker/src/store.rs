@@ -42,8 +42,9 @@ pub const WRITE_BATCH: usize = 256;
 /// before it commits: enrollments that arrive together share a commit. An
 /// enrollment waits for its binding's commit, so this is added to it once.
 pub const WRITE_LINGER: Duration = Duration::from_millis(2);
-/// The read connection maps this much of the file: a lookup after a commit
-/// reads the changed pages from the page cache without a `pread` each.
+/// The read connection maps this much of the main file, so its lookups
+/// read checkpointed pages without a `pread` each (pages still in the WAL
+/// are read with `pread` whatever this is).
 const READ_MMAP_BYTES: u64 = 64 << 20;
 
 /// Why a key may not have a name.
@@ -202,13 +203,13 @@ impl SqliteNames {
     }
 
     /// Hands `write` to the store's thread without blocking.
-    fn queue(&self, write: Write) -> Result<(), (Write, &'static str)> {
+    fn queue(&self, write: Write) -> Result<(), &'static str> {
         let Some(writes) = &self.writes else {
-            return Err((write, "the name store is closed"));
+            return Err("the name store is closed");
         };
         writes.try_send(write).map_err(|e| match e {
-            TrySendError::Full(w) => (w, "too many name store writes waiting"),
-            TrySendError::Disconnected(w) => (w, "the name store's thread has stopped"),
+            TrySendError::Full(_) => "too many name store writes waiting",
+            TrySendError::Disconnected(_) => "the name store's thread has stopped",
         })
     }
 
@@ -257,7 +258,7 @@ impl NameStore for SqliteNames {
             reply,
         };
         let path = self.path.clone();
-        if let Err((_, why)) = self.queue(write) {
+        if let Err(why) = self.queue(write) {
             return Box::pin(std::future::ready(Err(StoreError::busy(&path, why))));
         }
         Box::pin(async move {
@@ -276,7 +277,7 @@ impl NameStore for SqliteNames {
             id,
             now,
         };
-        if let Err((_, why)) = self.queue(write) {
+        if let Err(why) = self.queue(write) {
             warn!(path = self.path, %name, "cannot record the last use of a name: {why}");
         }
     }
@@ -305,9 +306,10 @@ impl NameStore for SqliteNames {
 }
 
 /// The store's thread: takes the writes queued within [`WRITE_LINGER`] of
-/// the first (at most [`WRITE_BATCH`]; the rest go in the next batch), runs them in one transaction, and
-/// only once it is committed answers the bindings. Ends when the store is
-/// dropped, after committing what was queued.
+/// the first (at most [`WRITE_BATCH`]; the rest go in the next batch), runs
+/// them in one transaction, and only once it is committed answers the
+/// bindings. Ends when the store is dropped, after committing what was
+/// queued.
 fn run_writer(
     db: &Connection,
     queue: &mpsc::Receiver<Write>,
