@@ -71,11 +71,16 @@ impl StoreError {
         }
     }
 
-    fn busy(path: &str, why: &'static str) -> Self {
+    /// A failure that is not SQLite's (the store's thread, its queue).
+    fn other(path: &str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self {
             path: path.to_string(),
-            source: Arc::new(std::io::Error::other(why)),
+            source: Arc::new(source),
         }
+    }
+
+    fn busy(path: &str, why: &'static str) -> Self {
+        Self::other(path, std::io::Error::other(why))
     }
 }
 
@@ -177,10 +182,7 @@ impl SqliteNames {
             std::thread::Builder::new()
                 .name("name-store".into())
                 .spawn(move || run_writer(&db, &queue, retention, &path, &commits))
-                .map_err(|e| StoreError {
-                    path: shown.clone(),
-                    source: Arc::new(e),
-                })?
+                .map_err(|e| StoreError::other(&shown, e))?
         };
         Ok(Self {
             read: Mutex::new(read),
