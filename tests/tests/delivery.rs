@@ -95,6 +95,50 @@ async fn messages_to_an_offline_peer_are_held_and_shown_once_when_it_logs_on() -
     Ok(())
 }
 
+/// The receipt of a held message comes from a recipient who just logged on:
+/// the sender hears that the recipient is online before it hears the
+/// message was delivered. In broadcast mode the tracker holds presence back
+/// for up to `PRESENCE_COALESCE` while the receipt is forwarded at once; in
+/// subscribe mode the two travel through separate queues of the session.
+#[tokio::test]
+async fn the_sender_sees_the_recipient_come_online_before_its_held_message_is_delivered()
+-> Result<()> {
+    for mode in [&[][..], &["--presence", "subscribe"][..]] {
+        let tracker = Tracker::start_with(mode).await?;
+        let bob_dir = tempfile::tempdir()?;
+        let bob = PeerOpts::new("bob", &tracker, Mode::Json)
+            .dir(bob_dir.path())
+            .start()
+            .await?;
+        logged_out(bob).await?;
+
+        let mut alice = Peer::start_json("alice", &tracker).await?;
+        let id = alice.send("bob", "while you were out").await?;
+        alice
+            .expect_event("held", |v| v["msg_id"] == id.as_str())
+            .await?;
+        let _bob = PeerOpts::new("bob", &tracker, Mode::Json)
+            .dir(bob_dir.path())
+            .start()
+            .await?;
+        let first = alice
+            .expect_json("bob online, or the delivery", WAIT, |v| {
+                (v["event"] == "presence" && v["name"] == "bob" && v["online"] == true)
+                    || (v["event"] == "delivered" && v["msg_id"] == id.as_str())
+            })
+            .await?;
+        assert_eq!(
+            first["event"], "presence",
+            "tracker {mode:?}: delivered before bob was seen online: {first}"
+        );
+        let delivered = alice
+            .expect_event("delivered", |v| v["msg_id"] == id.as_str())
+            .await?;
+        assert_eq!(delivered["path"], "held");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_held_message_that_expires_becomes_undeliverable_for_the_sender() -> Result<()> {
     let tracker = Tracker::start_with(&["--held-ttl", "2s"]).await?;

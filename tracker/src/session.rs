@@ -441,7 +441,22 @@ impl Session {
                     }
                 }
                 // Closed only when the session ends anyway.
-                Ok(frame) = online.inbox.recv() => Wake::Direct(frame),
+                Ok(frame) = online.inbox.recv() => {
+                    // A frame from another session may follow from a change
+                    // still queued for this peer (a receipt from a peer whose
+                    // arrival it has not heard yet): the queued presence goes
+                    // first, the window closing early.
+                    window = None;
+                    if let Some(change) = first.take().or_else(|| online.feed.try_recv()) {
+                        let presence = Wake::Presence(change);
+                        if let ControlFlow::Break(()) =
+                            Box::pin(self.handle(&mut online, presence)).await?
+                        {
+                            return Ok(());
+                        }
+                    }
+                    Wake::Direct(frame)
+                }
                 stream = self.conn.accept_bi() => {
                     let (send, recv) = stream?;
                     let me = (online.name.clone(), self.id);
