@@ -186,7 +186,7 @@ impl Swarm {
                             }
                             Err(e) => {
                                 drop(permit);
-                                let why = chain(&e);
+                                let why = tincan_proto::error_line(&e);
                                 let _ = done.send(Err(why.clone())).await;
                                 PeerReport { dropped: Some(why), ..PeerReport::default() }
                             }
@@ -446,7 +446,7 @@ impl SimPeer {
                         // Quiet is fine: an idle peer may hear nothing for long.
                         Err(BenchError::Timeout { .. }) => {}
                         Err(e) => {
-                            report.dropped = Some(chain(&e));
+                            report.dropped = Some(tincan_proto::error_line(&e));
                             break;
                         }
                     }
@@ -503,18 +503,6 @@ async fn step<T>(what: &'static str, fut: impl Future<Output = T>) -> Result<T, 
             what,
             after: STEP_TIMEOUT,
         })
-}
-
-/// An error with its sources, e.g. "I/O: connection lost: closed by peer: 5".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

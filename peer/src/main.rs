@@ -80,7 +80,7 @@ fn main() -> ExitCode {
         Ok(Exit::Quit) => ExitCode::SUCCESS,
         Ok(Exit::Failed) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("peer: {e:#}");
+            eprintln!("peer: {}", tincan_proto::error_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -64,3 +64,54 @@ pub mod close {
     /// Two connections to the same peer: this is the one both sides drop.
     pub const DUPLICATE: u32 = 9;
 }
+
+/// An error and its causes on one line, for a program's last words. A cause
+/// is added only when the text so far does not already say it: most of our
+/// errors put their source in their own message, and a wrapper such as
+/// anyhow's `context` does not.
+pub fn error_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot listen on here: {source}")]
+    struct Says {
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("starting up")]
+    struct Wraps {
+        #[source]
+        inner: Says,
+    }
+
+    #[test]
+    fn error_line_names_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::AddrInUse, "address in use");
+        assert_eq!(
+            error_line(&Says { source: io() }),
+            "cannot listen on here: address in use"
+        );
+        assert_eq!(
+            error_line(&Wraps {
+                inner: Says { source: io() }
+            }),
+            "starting up: cannot listen on here: address in use"
+        );
+    }
+}

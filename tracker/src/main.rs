@@ -63,7 +63,7 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tracker: {e:#}");
+            eprintln!("tracker: {}", tincan_proto::error_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }

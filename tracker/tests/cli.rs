@@ -47,3 +47,27 @@ fn unusable_data_dir_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("data directory"), "{stderr}");
 }
+
+#[test]
+fn a_port_in_use_is_one_line_giving_the_reason_once() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
+    let addr = taken.local_addr().expect("its address").to_string();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_tracker"))
+        .args(["--listen", &addr, "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run tracker");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with(&format!("tracker: cannot listen on {addr}: ")),
+        "{stderr}"
+    );
+    assert_eq!(
+        last.matches("(os error").count(),
+        1,
+        "the reason is given more than once: {stderr}"
+    );
+}
