@@ -22,7 +22,7 @@ struct Args {
     #[arg(long)]
     name: Name,
     /// The tracker, as HOST:PORT.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_tracker)]
     tracker: String,
     /// Where this peer keeps its key and database
     /// [default: the platform data directory, e.g. ~/.local/share/tincan/peers/NAME].
@@ -53,6 +53,25 @@ struct Args {
 
 fn parse_key(s: &str) -> Result<PeerId, String> {
     PeerId::from_hex(s).map_err(|e| e.to_string())
+}
+
+/// `HOST:PORT`, an IPv6 host in brackets; the host is looked up when enrolling.
+fn parse_tracker(s: &str) -> Result<String, String> {
+    const EXPECTED: &str = "expected HOST:PORT, e.g. tracker.example.org:7777";
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("no port: {EXPECTED}"));
+    };
+    match port.parse::<u16>() {
+        Ok(1..) => {}
+        _ => return Err(format!("{port:?} is not a port (1-65535): {EXPECTED}")),
+    }
+    if host.is_empty() {
+        return Err(format!("no host: {EXPECTED}"));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err("an IPv6 address goes in brackets, e.g. [2001:db8::1]:7777".into());
+    }
+    Ok(s.to_string())
 }
 
 fn main() -> ExitCode {

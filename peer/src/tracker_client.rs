@@ -51,8 +51,8 @@ const NO_APPLICATION_PROTOCOL: u8 = 120;
 /// Why enrolling failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("cannot resolve tracker address {0}")]
-    Resolve(String),
+    #[error("cannot resolve tracker address {addr}: {reason}")]
+    Resolve { addr: String, reason: String },
     #[error("cannot reach the tracker at {addr}: {reason}")]
     Unreachable { addr: String, reason: String },
     #[error(
@@ -408,14 +408,24 @@ fn unexpected(
 }
 
 async fn resolve(tracker: &str, want_v4: bool) -> Result<SocketAddr, EnrollError> {
+    let failed = |reason: String| EnrollError::Resolve {
+        addr: tracker.to_string(),
+        reason,
+    };
     let addrs = timeout(TRACKER_TIMEOUT, tokio::net::lookup_host(tracker))
         .await
-        .map_err(|_| EnrollError::Resolve(tracker.to_string()))?
-        .map_err(|_| EnrollError::Resolve(tracker.to_string()))?;
+        .map_err(|_| failed(format!("no answer within {TRACKER_TIMEOUT:?}")))?
+        .map_err(|e| failed(e.to_string()))?;
     addrs
         .into_iter()
         .find(|a| a.is_ipv4() == want_v4)
-        .ok_or_else(|| EnrollError::Resolve(tracker.to_string()))
+        .ok_or_else(|| {
+            failed(if want_v4 {
+                "it has no IPv4 address (to reach an IPv6 tracker, use --bind [::]:0)".into()
+            } else {
+                "it has no IPv6 address, and --bind is an IPv6 address".into()
+            })
+        })
 }
 
 /// Follows the tracker for the node's lifetime: presence, lookups, logout,

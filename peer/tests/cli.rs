@@ -58,3 +58,20 @@ fn missing_tracker_is_refused() {
     assert_eq!(code, Some(2));
     assert!(stderr.contains("--tracker"), "{stderr}");
 }
+
+#[test]
+fn a_tracker_address_that_is_not_host_and_port_is_refused_naming_the_flag() {
+    for bad in [
+        "127.0.0.1",
+        "tracker.example.org:",
+        ":7777",
+        "host:0",
+        "host:99999",
+        "::1:7777",
+    ] {
+        let (code, stderr) = run(&["--name", "bob", "--tracker", bad]);
+        assert_eq!(code, Some(2), "{bad:?} accepted: {stderr}");
+        let first = stderr.lines().next().unwrap_or("");
+        assert!(first.contains("--tracker"), "{bad:?}: {stderr}");
+    }
+}
