@@ -15,6 +15,27 @@ async fn logged_out(mut peer: Peer) -> Result<()> {
     Ok(())
 }
 
+/// bob enrolls once and logs out (so his name and sealing key are known),
+/// then alice leaves `text` for him with the tracker. Returns bob's data
+/// directory, alice, and the message's id.
+async fn held_for_absent_bob(
+    tracker: &Tracker,
+    text: &str,
+) -> Result<(tempfile::TempDir, Peer, String)> {
+    let bob_dir = tempfile::tempdir()?;
+    let bob = PeerOpts::new("bob", tracker, Mode::Json)
+        .dir(bob_dir.path())
+        .start()
+        .await?;
+    logged_out(bob).await?;
+    let mut alice = Peer::start_json("alice", tracker).await?;
+    let id = alice.send("bob", text).await?;
+    alice
+        .expect_event("held", |v| v["msg_id"] == id.as_str())
+        .await?;
+    Ok((bob_dir, alice, id))
+}
+
 #[tokio::test]
 async fn messages_to_an_offline_peer_are_held_and_shown_once_when_it_logs_on() -> Result<()> {
     let tracker = Tracker::start().await?;
@@ -105,18 +126,7 @@ async fn the_sender_sees_the_recipient_come_online_before_its_held_message_is_de
 -> Result<()> {
     for mode in [&[][..], &["--presence", "subscribe"][..]] {
         let tracker = Tracker::start_with(mode).await?;
-        let bob_dir = tempfile::tempdir()?;
-        let bob = PeerOpts::new("bob", &tracker, Mode::Json)
-            .dir(bob_dir.path())
-            .start()
-            .await?;
-        logged_out(bob).await?;
-
-        let mut alice = Peer::start_json("alice", &tracker).await?;
-        let id = alice.send("bob", "while you were out").await?;
-        alice
-            .expect_event("held", |v| v["msg_id"] == id.as_str())
-            .await?;
+        let (bob_dir, mut alice, id) = held_for_absent_bob(&tracker, "while you were out").await?;
         let _bob = PeerOpts::new("bob", &tracker, Mode::Json)
             .dir(bob_dir.path())
             .start()
@@ -142,18 +152,7 @@ async fn the_sender_sees_the_recipient_come_online_before_its_held_message_is_de
 #[tokio::test]
 async fn a_held_message_that_expires_becomes_undeliverable_for_the_sender() -> Result<()> {
     let tracker = Tracker::start_with(&["--held-ttl", "2s"]).await?;
-    let bob_dir = tempfile::tempdir()?;
-    let bob = PeerOpts::new("bob", &tracker, Mode::Json)
-        .dir(bob_dir.path())
-        .start()
-        .await?;
-    logged_out(bob).await?;
-
-    let mut alice = Peer::start_json("alice", &tracker).await?;
-    let id = alice.send("bob", "too late").await?;
-    alice
-        .expect_event("held", |v| v["msg_id"] == id.as_str())
-        .await?;
+    let (bob_dir, mut alice, id) = held_for_absent_bob(&tracker, "too late").await?;
     let gone = alice
         .expect_event("undeliverable", |v| v["msg_id"] == id.as_str())
         .await?;
