@@ -12,11 +12,14 @@
 //! cache once `write` returns, so a killed process loses nothing) and then
 //! written to `peer.db` as usual. At start, the records are applied to the
 //! database again (idempotent) and the file is emptied; while running it is
-//! emptied whenever every record in it is committed.
+//! emptied whenever every record in it is committed. Another peer process on
+//! the same data directory (for the moment until the tracker replaces one
+//! of them) may append here too: then the file is applied whole to the
+//! database before it is emptied ([`Journal::reconcile`]).
 
 use std::{
     fs::{File, OpenOptions},
-    io::{Read, Write},
+    io::{Read, Seek, SeekFrom, Write},
     path::Path,
     sync::{Mutex, MutexGuard},
 };
@@ -64,6 +67,8 @@ struct State {
     /// them are committed to the database.
     appended: u64,
     committed: u64,
+    /// The file holds records another process appended.
+    foreign: bool,
 }
 
 impl Journal {
@@ -84,6 +89,7 @@ impl Journal {
                 len: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
                 appended: 0,
                 committed: 0,
+                foreign: false,
             }),
         };
         Ok((journal, records))
@@ -122,10 +128,52 @@ impl Journal {
     pub fn clear(&self) {
         self.lock().empty();
     }
+
+    /// Whether another process appended records that are not known to be
+    /// in the database; [`Journal::reconcile`] applies them.
+    pub fn has_foreign(&self) -> bool {
+        self.lock().foreign
+    }
+
+    /// Hands every record in the file, whoever wrote it, to `apply` (which
+    /// writes them to the database, idempotently, and says whether that
+    /// was committed), then empties the file if nothing was appended
+    /// meanwhile. Appends wait until this returns.
+    pub fn reconcile(&self, apply: impl FnOnce(&[Record]) -> bool) -> std::io::Result<()> {
+        let mut state = self.lock();
+        let mut bytes = Vec::new();
+        state.file.seek(SeekFrom::Start(0))?;
+        state.file.read_to_end(&mut bytes)?;
+        if !apply(&parse(&bytes, Path::new("peer.journal"))) {
+            return Ok(());
+        }
+        // Everything in the file is in the database now, ours included.
+        state.len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        state.foreign = false;
+        state.committed = state.appended;
+        state.empty();
+        Ok(())
+    }
 }
 
 impl State {
     fn empty(&mut self) {
+        // Another peer process on this data directory (briefly: the one a
+        // new start replaces, until the tracker tells it so) appends here
+        // too, and its records may not be in the database yet. Then the
+        // file is left as it is, for the database thread to apply it whole
+        // first (`Journal::reconcile`).
+        match self.file.metadata() {
+            Ok(meta) if meta.len() != self.len => {
+                self.foreign = true;
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot read the journal's size; not emptying it");
+                return;
+            }
+        }
         if let Err(e) = self.file.set_len(0) {
             // Harmless: its records are applied again at the next start.
             warn!(error = %e, "cannot empty the journal");
@@ -186,6 +234,55 @@ mod tests {
         f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
         let (_, records) = Journal::open(&path).unwrap();
         assert_eq!(records, [queued(1), queued(2)]);
+    }
+
+    #[test]
+    fn what_another_process_appended_is_applied_before_it_is_emptied_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.journal");
+        let (ours, _) = Journal::open(&path).unwrap();
+        // A second process on the same data directory.
+        let (theirs, _) = Journal::open(&path).unwrap();
+        let big = Record::Queued {
+            id: MessageId([1; 16]),
+            to: Name::parse("bob").unwrap(),
+            body: "x".repeat(JOURNAL_TRUNCATE as usize),
+            sent_at_ms: 1,
+        };
+        ours.append(&big).unwrap();
+        theirs.append(&queued(2)).unwrap();
+        let kept = || Journal::open(&path).unwrap().1 == [big.clone(), queued(2)];
+        // All of ours is committed and past the size that empties it, and
+        // the store closing empties it: theirs is not committed, so both
+        // leave the file alone.
+        assert!(!ours.has_foreign());
+        ours.committed();
+        assert!(kept(), "emptied with another process's record in it");
+        ours.clear();
+        assert!(
+            kept(),
+            "emptied at close with another process's record in it"
+        );
+        assert!(ours.has_foreign());
+
+        // The database thread applies the whole file, then it is emptied.
+        let mut applied = Vec::new();
+        ours.reconcile(|records| {
+            applied = records.to_vec();
+            true
+        })
+        .unwrap();
+        assert!(
+            applied == [big.clone(), queued(2)],
+            "not every record was applied"
+        );
+        assert!(!ours.has_foreign());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        // A failed apply empties nothing.
+        theirs.append(&queued(3)).unwrap();
+        ours.clear();
+        ours.reconcile(|_| false).unwrap();
+        assert_eq!(Journal::open(&path).unwrap().1, [queued(3)]);
     }
 
     #[test]

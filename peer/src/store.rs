@@ -541,7 +541,13 @@ fn replay(db: &Connection, records: &[Record]) -> rusqlite::Result<()> {
 /// The database thread: takes a batch of jobs (see [`Jobs`]), runs them
 /// in one transaction, commits, ends the read connection's transaction (its
 /// next read sees the commit), and only then tells the jobs' waiters.
-fn run_writer(db: Connection, jobs: Arc<Jobs>, read: &Mutex<Connection>, path: String) {
+fn run_writer(
+    db: Connection,
+    jobs: Arc<Jobs>,
+    read: &Mutex<Connection>,
+    journal: &Journal,
+    path: String,
+) {
     let mut after: Vec<AfterCommit> = Vec::new();
     while let Some(batch) = jobs.next_batch() {
         let began = db.execute_batch("BEGIN");
@@ -557,6 +563,21 @@ fn run_writer(db: Connection, jobs: Arc<Jobs>, read: &Mutex<Connection>, path: S
         end_read(&locked(read));
         for done in after.drain(..) {
             done(ok);
+        }
+        // Another process on this data directory wrote to the journal:
+        // its records go to the database before the file is emptied.
+        if journal.has_foreign() {
+            let reconciled = journal.reconcile(|records| match replay(&db, records) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(path, error = %e, "cannot apply the journal to the database");
+                    false
+                }
+            });
+            if let Err(e) = reconciled {
+                warn!(path, error = %e, "cannot read the journal");
+            }
+            end_read(&locked(read));
         }
     }
 }
@@ -606,10 +627,12 @@ impl Store {
             .collect();
         let keys = known_keys(&db).map_err(err)?;
         let jobs = Arc::new(Jobs::new(linger));
-        let (thread_jobs, thread_read, thread_path) = (jobs.clone(), read.clone(), shown.clone());
+        let journal = Arc::new(journal);
+        let (thread_jobs, thread_read, thread_journal, thread_path) =
+            (jobs.clone(), read.clone(), journal.clone(), shown.clone());
         let thread = std::thread::Builder::new()
             .name("peer-db".into())
-            .spawn(move || run_writer(db, thread_jobs, &thread_read, thread_path))
+            .spawn(move || run_writer(db, thread_jobs, &thread_read, &thread_journal, thread_path))
             .map_err(|e| StoreError {
                 path: shown.clone(),
                 reason: format!("cannot start the database thread: {e}"),
@@ -617,7 +640,7 @@ impl Store {
         Ok(Self {
             path: shown,
             jobs,
-            journal: Arc::new(journal),
+            journal,
             thread: Mutex::new(Some(thread)),
             read,
             ledger: Arc::new(Mutex::new(ledger)),
@@ -1289,6 +1312,42 @@ mod tests {
         );
         // Applied once, whatever the number of restarts.
         assert_eq!(open(&dir).outbox().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_second_process_on_the_same_directory_loses_no_journal_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.db");
+        let first = open(&dir);
+        // A second process started on the same directory (until the
+        // tracker replaces the first); its writes wait long for a commit.
+        let second = Store::open(&path, Duration::from_secs(600)).unwrap();
+        let typed = MessageId([2; 16]);
+        second
+            .queue(typed, &name("bob"), "typed in the second window", 2)
+            .unwrap();
+        // The first fills its share of the journal past the size that
+        // empties it, commits, and closes.
+        let big = "x".repeat(crate::journal::JOURNAL_TRUNCATE as usize);
+        first
+            .queue(MessageId([1; 16]), &name("bob"), &big, 1)
+            .unwrap();
+        first.outbox().await.unwrap();
+        first.close().await;
+        // Whatever becomes of the second process now (a crash before its
+        // commit), its message is in the database: read without replaying
+        // the journal.
+        let db = Connection::open(&path).unwrap();
+        let body: Option<String> = db
+            .query_row(
+                "SELECT body FROM sent WHERE id = ?1",
+                params![&typed.0[..]],
+                |row| row.get(0),
+            )
+            .optional()
+            .unwrap();
+        assert_eq!(body.as_deref(), Some("typed in the second window"));
+        drop(second);
     }
 
     #[tokio::test]
