@@ -63,6 +63,8 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
         LinesCodec::new_with_max_length(MAX_LINE),
     );
     let mut failed = false;
+    let stop = stop_requested();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             event = events.recv() => match event {
@@ -96,7 +98,7 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
                     break;
                 }
             },
-            _ = tokio::signal::ctrl_c() => break,
+            () = &mut stop => break,
         }
     }
     if failed {
@@ -111,6 +113,31 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
         out.line("logged out. Goodbye.");
     }
     Exit::Quit
+}
+
+/// Resolves when the user or the system asks the peer to stop: Ctrl-C
+/// (SIGINT), or SIGTERM on Unix (`kill PID`, a service manager). Either way
+/// the peer logs out cleanly.
+async fn stop_requested() {
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
 }
 
 #[derive(PartialEq, Eq)]

@@ -144,6 +144,33 @@ async fn logout_says_goodbye_and_everyone_sees_it() -> Result<()> {
 }
 
 #[tokio::test]
+async fn sigterm_logs_out_as_quit_does() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let mut bob = Peer::start_json("bob", &tracker).await?;
+    let mut alice = Peer::start_text("alice", &tracker).await?;
+    bob.expect_event("presence", |v| v["name"] == "alice" && v["online"] == true)
+        .await?;
+    let pid = alice
+        .pid()
+        .and_then(|p| i32::try_from(p).ok())
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| anyhow::anyhow!("alice has no pid"))?;
+    let asked = std::time::Instant::now();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
+    alice
+        .expect_line("the goodbye line", |l| l == "logged out. Goodbye.")
+        .await?;
+    assert!(alice.wait_exit(WAIT).await?.success());
+    // A logout, not the idle timeout (10 s) noticing a vanished peer.
+    bob.expect_event_within("presence", Duration::from_secs(5), |v| {
+        v["name"] == "alice" && v["online"] == false
+    })
+    .await?;
+    eprintln!("alice was seen leaving {:?} after SIGTERM", asked.elapsed());
+    Ok(())
+}
+
+#[tokio::test]
 async fn killed_peer_is_dropped_within_the_idle_timeout() -> Result<()> {
     let tracker = Tracker::start().await?;
     let mut bob = Peer::start_json("bob", &tracker).await?;
