@@ -116,18 +116,24 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
 }
 
 /// Resolves when the user or the system asks the peer to stop: Ctrl-C
-/// (SIGINT), or SIGTERM on Unix (`kill PID`, a service manager). Either way
-/// the peer logs out cleanly.
+/// (SIGINT), or on Unix SIGTERM (`kill PID`, a service manager) or SIGHUP
+/// (its terminal closed). Each way the peer logs out cleanly.
 async fn stop_requested() {
     #[cfg(unix)]
     let terminate = async {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(mut term), Ok(mut hup)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = hup.recv() => {}
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch for SIGTERM");
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot watch for SIGTERM and SIGHUP");
                 std::future::pending::<()>().await;
             }
         }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 use tincan_tests::{Mode, Peer, PeerOpts, Tracker, WAIT, peer_names};
 
@@ -144,29 +144,36 @@ async fn logout_says_goodbye_and_everyone_sees_it() -> Result<()> {
 }
 
 #[tokio::test]
-async fn sigterm_logs_out_as_quit_does() -> Result<()> {
+async fn sigterm_and_sighup_log_out_as_quit_does() -> Result<()> {
+    use rustix::process::Signal;
     let tracker = Tracker::start().await?;
     let mut bob = Peer::start_json("bob", &tracker).await?;
-    let mut alice = Peer::start_text("alice", &tracker).await?;
-    bob.expect_event("presence", |v| v["name"] == "alice" && v["online"] == true)
-        .await?;
-    let pid = alice
-        .pid()
-        .and_then(|p| i32::try_from(p).ok())
-        .and_then(rustix::process::Pid::from_raw)
-        .ok_or_else(|| anyhow::anyhow!("alice has no pid"))?;
-    let asked = std::time::Instant::now();
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
-    alice
-        .expect_line("the goodbye line", |l| l == "logged out. Goodbye.")
-        .await?;
-    assert!(alice.wait_exit(WAIT).await?.success());
-    // A logout, not the idle timeout (10 s) noticing a vanished peer.
-    bob.expect_event_within("presence", Duration::from_secs(5), |v| {
-        v["name"] == "alice" && v["online"] == false
-    })
-    .await?;
-    eprintln!("alice was seen leaving {:?} after SIGTERM", asked.elapsed());
+    let alice_dir = tempfile::tempdir()?;
+    for signal in [Signal::TERM, Signal::HUP] {
+        let mut alice = PeerOpts::new("alice", &tracker, Mode::Text)
+            .dir(alice_dir.path())
+            .start()
+            .await?;
+        bob.expect_event("presence", |v| v["name"] == "alice" && v["online"] == true)
+            .await?;
+        let pid = alice
+            .pid()
+            .and_then(|p| i32::try_from(p).ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or_else(|| anyhow::anyhow!("alice has no pid"))?;
+        rustix::process::kill_process(pid, signal)?;
+        alice
+            .expect_line("the goodbye line", |l| l == "logged out. Goodbye.")
+            .await
+            .with_context(|| format!("after {signal:?}"))?;
+        assert!(alice.wait_exit(WAIT).await?.success(), "after {signal:?}");
+        // A logout, not the idle timeout (10 s) noticing a vanished peer.
+        bob.expect_event_within("presence", Duration::from_secs(5), |v| {
+            v["name"] == "alice" && v["online"] == false
+        })
+        .await
+        .with_context(|| format!("bob did not see alice leave after {signal:?}"))?;
+    }
     Ok(())
 }
 
