@@ -146,6 +146,15 @@ async fn stop_requested() {
     }
 }
 
+/// "1 name", "3 names".
+fn names(n: usize) -> String {
+    if n == 1 {
+        "1 name".to_string()
+    } else {
+        format!("{n} names")
+    }
+}
+
 #[derive(PartialEq, Eq)]
 enum Flow {
     Continue,
@@ -281,9 +290,9 @@ impl Output {
         match node.presence() {
             (PresenceMode::Broadcast, _) => self.line(&format!("{} online:", peers.len())),
             (PresenceMode::Subscribe { .. }, followed) => self.line(&format!(
-                "{} online among the {} names you follow (and you):",
+                "{} online among the {} you follow (and you):",
                 peers.iter().filter(|p| !p.me).count(),
-                followed.len()
+                names(followed.len())
             )),
         }
         for p in &peers {
@@ -693,13 +702,16 @@ fn event_text(node: &Node, event: &Event) -> Option<String> {
             match (node.presence(), others.is_empty()) {
                 ((PresenceMode::Broadcast, _), true) => "* nobody else is online".to_string(),
                 ((PresenceMode::Broadcast, _), false) => format!("* online: {}", others.join(", ")),
+                ((PresenceMode::Subscribe { .. }, followed), true) if followed.is_empty() => {
+                    "* you follow nobody yet: you will see the people you write to or hear from (/who all lists everyone online)".to_string()
+                }
                 ((PresenceMode::Subscribe { .. }, followed), true) => format!(
-                    "* none of the {} names you follow is online (/who all lists everyone online)",
-                    followed.len()
+                    "* none of the {} you follow is online (/who all lists everyone online)",
+                    names(followed.len())
                 ),
                 ((PresenceMode::Subscribe { .. }, followed), false) => format!(
-                    "* online among the {} names you follow: {}",
-                    followed.len(),
+                    "* online among the {} you follow: {}",
+                    names(followed.len()),
                     others.join(", ")
                 ),
             }

@@ -139,7 +139,7 @@ async fn a_restarted_peer_follows_the_names_it_knows_and_both_directions_work() 
         .await?;
     bob.type_line("/who").await?;
     bob.expect_line("the /who header", |l| {
-        l.starts_with("1 online among the 1 names you follow")
+        l.starts_with("1 online among the 1 name you follow")
     })
     .await?;
     bob.expect_line("the hint", |l| l.contains("/who all"))
@@ -361,7 +361,7 @@ async fn who_all_pages_through_everyone_in_the_text_front_end() -> Result<()> {
     let mut alice = Peer::start_text("alice", &tracker).await?;
     alice
         .expect_line("the empty list", |l| {
-            l.starts_with("* none of the 0 names you follow is online")
+            l.starts_with("* you follow nobody yet")
         })
         .await?;
     alice.type_line("/who all").await?;
