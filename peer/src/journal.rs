@@ -20,7 +20,7 @@
 use std::{
     fs::{File, OpenOptions},
     io::{Read, Seek, SeekFrom, Write},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
 };
 
@@ -57,6 +57,7 @@ pub enum Record {
 }
 
 pub struct Journal {
+    path: PathBuf,
     state: Mutex<State>,
 }
 
@@ -84,6 +85,7 @@ impl Journal {
         file.read_to_end(&mut bytes)?;
         let records = parse(&bytes, path);
         let journal = Self {
+            path: path.to_path_buf(),
             state: Mutex::new(State {
                 file,
                 len: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
@@ -144,7 +146,7 @@ impl Journal {
         let mut bytes = Vec::new();
         state.file.seek(SeekFrom::Start(0))?;
         state.file.read_to_end(&mut bytes)?;
-        if !apply(&parse(&bytes, Path::new("peer.journal"))) {
+        if !apply(&parse(&bytes, &self.path)) {
             return Ok(());
         }
         // Everything in the file is in the database now, ours included.

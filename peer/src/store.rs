@@ -40,7 +40,7 @@ use std::{
     path::Path,
     sync::{Arc, Condvar, Mutex, MutexGuard},
     thread::JoinHandle,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -65,6 +65,10 @@ pub const STORE_BATCH: usize = 1024;
 /// RTT's p99 was ~1 ms instead of ~0.3 ms (benchmarks.md, finding 7; most
 /// likely WAL checkpoints and journal truncations, not profiled).
 pub const STORE_LINGER: Duration = Duration::from_millis(50);
+/// While another process appends to `peer.journal` (see
+/// [`Journal::reconcile`]), the whole file is applied to the database at
+/// most this often.
+pub const JOURNAL_RECONCILE: Duration = Duration::from_secs(1);
 /// Memory-mapped reads (the dedupe lookups): no copies, and no cache to
 /// rebuild after every commit.
 const MMAP_BYTES: u64 = 64 << 20;
@@ -549,6 +553,7 @@ fn run_writer(
     path: String,
 ) {
     let mut after: Vec<AfterCommit> = Vec::new();
+    let mut reconciled: Option<Instant> = None;
     while let Some(batch) = jobs.next_batch() {
         let began = db.execute_batch("BEGIN");
         for job in batch {
@@ -566,15 +571,16 @@ fn run_writer(
         }
         // Another process on this data directory wrote to the journal:
         // its records go to the database before the file is emptied.
-        if journal.has_foreign() {
-            let reconciled = journal.reconcile(|records| match replay(&db, records) {
+        if journal.has_foreign() && reconciled.is_none_or(|at| at.elapsed() >= JOURNAL_RECONCILE) {
+            reconciled = Some(Instant::now());
+            let result = journal.reconcile(|records| match replay(&db, records) {
                 Ok(()) => true,
                 Err(e) => {
                     warn!(path, error = %e, "cannot apply the journal to the database");
                     false
                 }
             });
-            if let Err(e) = reconciled {
+            if let Err(e) = result {
                 warn!(path, error = %e, "cannot read the journal");
             }
             end_read(&locked(read));
