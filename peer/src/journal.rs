@@ -221,6 +221,16 @@ mod tests {
         }
     }
 
+    /// A record that on its own takes the journal past `JOURNAL_TRUNCATE`.
+    fn big() -> Record {
+        Record::Queued {
+            id: MessageId([1; 16]),
+            to: Name::parse("bob").unwrap(),
+            body: "x".repeat(JOURNAL_TRUNCATE as usize),
+            sent_at_ms: 1,
+        }
+    }
+
     #[test]
     fn records_survive_reopening_in_order_and_a_torn_tail_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
@@ -245,12 +255,7 @@ mod tests {
         let (ours, _) = Journal::open(&path).unwrap();
         // A second process on the same data directory.
         let (theirs, _) = Journal::open(&path).unwrap();
-        let big = Record::Queued {
-            id: MessageId([1; 16]),
-            to: Name::parse("bob").unwrap(),
-            body: "x".repeat(JOURNAL_TRUNCATE as usize),
-            sent_at_ms: 1,
-        };
+        let big = big();
         ours.append(&big).unwrap();
         theirs.append(&queued(2)).unwrap();
         let kept = || Journal::open(&path).unwrap().1 == [big.clone(), queued(2)];
@@ -292,12 +297,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("peer.journal");
         let (j, _) = Journal::open(&path).unwrap();
-        let big = Record::Queued {
-            id: MessageId([1; 16]),
-            to: Name::parse("bob").unwrap(),
-            body: "x".repeat(JOURNAL_TRUNCATE as usize),
-            sent_at_ms: 1,
-        };
+        let big = big();
         j.append(&big).unwrap();
         j.append(&queued(2)).unwrap();
         j.committed();
