@@ -44,7 +44,7 @@ use tincan_proto::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    sync::{Notify, OnceCell, mpsc},
+    sync::{Notify, OnceCell},
     time::timeout,
 };
 use tokio_util::{
@@ -66,8 +66,6 @@ use crate::{
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for the first frame of an incoming stream.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Messages queued for one link's writer.
-pub const OUT_QUEUE: usize = 1024;
 /// Incoming messages on one stream shown or being shown but not yet
 /// acknowledged; past this the stream is not read until acks go out.
 pub const RECEIVE_WINDOW: usize = 1024;
@@ -172,6 +170,13 @@ impl Pending {
     }
 }
 
+/// Our message stream's sending half. Messages are written into it by the
+/// task that routes them (under the conversation's turn), not handed to a
+/// writer task: one task hop less per message. Taken away when the link ends.
+type Outbound = tokio::sync::Mutex<
+    Option<FramedWrite<Box<dyn AsyncWrite + Unpin + Send>, Codec<(), ToReceiver>>>,
+>;
+
 /// One path to one peer.
 #[derive(Clone)]
 pub struct Link(Arc<LinkState>);
@@ -179,7 +184,7 @@ pub struct Link(Arc<LinkState>);
 struct LinkState {
     transport: Transport,
     peer: PeerId,
-    out: OnceCell<mpsc::Sender<ToReceiver>>,
+    out: OnceCell<Outbound>,
     pending: Mutex<Pending>,
     /// Woken whenever the last pending message is settled.
     drained: Notify,
@@ -351,18 +356,36 @@ impl Link {
                 .deadlines
                 .push_back((Instant::now() + ACK_TIMEOUT, id));
         }
-        if out.send(msg).await.is_err()
-            && let Some(on_ack) = self.settle(&id)
-        {
-            on_ack(Err(LinkError::Lost("link writer stopped".into()))).await;
+        let written = {
+            let mut out = out.lock().await;
+            match out.as_mut() {
+                Some(writer) => tokio::select! {
+                    written = writer.send(msg) => written.map_err(|e| e.to_string()),
+                    () = self.closed() => Err("link closed".into()),
+                },
+                None => Err("link closed".into()),
+            }
+        };
+        if let Err(e) = written {
+            debug!(error = %e, "message stream write failed");
+            self.close(close::BAD_FRAME, b"write failed");
+            // Spawned: a retry queues the message again, maybe behind the
+            // very turn that is calling us.
+            if let Some(on_ack) = self.settle(&id) {
+                inner.tasks.spawn(on_ack(Err(LinkError::Lost(e))));
+            }
+        }
+    }
+
+    /// Drops our message stream's sending half, once the link has ended.
+    async fn drop_outbound(&self) {
+        if let Some(out) = self.0.out.get() {
+            out.lock().await.take();
         }
     }
 
     /// Opens our message stream on a direct link.
-    async fn open_outbound(
-        &self,
-        inner: &Arc<Inner>,
-    ) -> Result<mpsc::Sender<ToReceiver>, LinkError> {
+    async fn open_outbound(&self, inner: &Arc<Inner>) -> Result<Outbound, LinkError> {
         let Some(conn) = self.conn() else {
             return Err(LinkError::Lost("relay circuit closed".into()));
         };
@@ -392,18 +415,19 @@ impl Link {
     }
 }
 
-/// Sends `Open` on a message stream, then starts its writer and
-/// acknowledgement reader.
+/// Sends `Open` on a message stream, then starts its acknowledgement
+/// reader; returns the stream's sending half.
 async fn start_outbound<R, W>(
     inner: &Arc<Inner>,
     link: &Link,
     recv: R,
     send: W,
-) -> Result<mpsc::Sender<ToReceiver>, LinkError>
+) -> Result<Outbound, LinkError>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let send: Box<dyn AsyncWrite + Unpin + Send> = Box::new(send);
     let mut writer = FramedWrite::new(send, Codec::<(), ToReceiver>::default());
     writer
         .send(ToReceiver::Open {
@@ -411,37 +435,6 @@ where
         })
         .await
         .map_err(|e| LinkError::Lost(e.to_string()))?;
-    let (tx, mut rx) = mpsc::channel::<ToReceiver>(OUT_QUEUE);
-
-    let owner = link.clone();
-    inner.tasks.spawn(async move {
-        // Feed everything queued, then flush once: one write per burst.
-        loop {
-            let first = tokio::select! {
-                first = rx.recv() => match first {
-                    Some(first) => first,
-                    None => break,
-                },
-                () = owner.closed() => return,
-            };
-            let mut result = writer.feed(first).await;
-            while result.is_ok() {
-                match rx.try_recv() {
-                    Ok(next) => result = writer.feed(next).await,
-                    Err(_) => break,
-                }
-            }
-            if let Err(e) = match result {
-                Ok(()) => SinkExt::<ToReceiver>::flush(&mut writer).await,
-                Err(e) => Err(e),
-            } {
-                debug!(error = %e, "message stream write failed");
-                owner.close(close::BAD_FRAME, b"write failed");
-                return;
-            }
-        }
-        let _ = writer.get_mut().shutdown().await;
-    });
 
     let link = link.clone();
     let events = inner.clone();
@@ -487,9 +480,10 @@ where
         if link.path() == Path::Relay {
             link.close(close::NORMAL, b"circuit ended");
         }
+        link.drop_outbound().await;
         link.fail_pending(&events, end);
     });
-    Ok(tx)
+    Ok(tokio::sync::Mutex::new(Some(writer)))
 }
 
 /// All links of this node.
@@ -524,6 +518,14 @@ impl Links {
 
     pub fn count(&self) -> usize {
         locked(&self.direct).len()
+    }
+
+    /// Whether `link` is the live direct link to `info`'s peer, announced as
+    /// its path: what [`Links::connect`] would hand out, with nothing to say.
+    pub(crate) fn is_current_direct(&self, link: &Link, info: &PeerInfo) -> bool {
+        link.0.peer == info.id
+            && self.direct_link(&info.id).is_some_and(|l| l.same(link))
+            && locked(&self.paths).get(&info.id) == Some(&Path::Direct)
     }
 
     /// Closes and forgets every link to a peer that went offline or moved.

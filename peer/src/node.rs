@@ -30,7 +30,7 @@ use crate::{
     event::{Event, Path, Shown},
     links::{self, Links},
     mail, net,
-    outbox::{self, Outgoing},
+    outbox::{self, Conversation, Outgoing},
     store::{HistoryEntry, Incoming, KeyCheck, Pending, ShownMessage, Store, StoreError, now_ms},
     tracker_client::{self, Command, EnrollError, Enrolled, ListError},
 };
@@ -159,8 +159,8 @@ pub struct Inner {
     /// The current tracker connection (for relay circuits), if enrolled.
     pub(crate) tracker_conn: Mutex<Option<quinn::Connection>>,
     pub(crate) in_flight: Arc<Semaphore>,
-    /// Destination name key → (task generation, its queue).
-    pub(crate) conversations: Mutex<HashMap<String, (u64, mpsc::Sender<Outgoing>)>>,
+    /// Destination name key → its conversation.
+    pub(crate) conversations: Mutex<HashMap<String, Arc<Conversation>>>,
     pub(crate) next_generation: AtomicU64,
     /// Held messages and notices from the tracker, handled in order by one task.
     pub(crate) mail: mpsc::Sender<mail::Mail>,
@@ -482,7 +482,9 @@ impl Node {
         let sent_at_ms = now_ms();
         self.inner.store.queue(id, &to, text, sent_at_ms)?;
         let msg = Outgoing::new(id, to.clone(), text.to_owned(), sent_at_ms, permit);
-        self.inner.enqueue(&to, msg).await?;
+        if let Err(msg) = self.inner.send_now(msg).await {
+            self.inner.enqueue(&to, msg).await?;
+        }
         Ok(id)
     }
 

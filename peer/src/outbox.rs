@@ -17,7 +17,10 @@
 //! Every state change is written to `peer.db` before it is announced.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -28,7 +31,7 @@ use tincan_proto::{
     seal::{seal, verify_seal_key},
     tracker::{HoldResult, SealKeyEntry},
 };
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{Mutex as TurnLock, OwnedSemaphorePermit, mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::{
@@ -36,7 +39,7 @@ use crate::{
     event::{Event, Path},
     links::{Link, LinkError, OnAck},
     node::{Inner, SendError},
-    store::{Pending, now_ms},
+    store::{KeyCheck, Pending, now_ms},
     tracker_client::{Command, TRACKER_TIMEOUT},
 };
 
@@ -95,6 +98,26 @@ enum Turn {
     Wait(Outgoing),
 }
 
+/// One destination's conversation: its queue, served by its task, and the
+/// turn that routes one message at a time.
+pub(crate) struct Conversation {
+    generation: u64,
+    queue: mpsc::Sender<Outgoing>,
+    /// Messages put on the queue and not yet through their turn.
+    waiting: AtomicUsize,
+    /// Held while a message is routed. Holds the link the previous message
+    /// went out on: before the first message on another link, what is in
+    /// flight on this one is let through, so the receiver sees the
+    /// conversation in order.
+    turn: TurnLock<Option<Link>>,
+}
+
+impl Conversation {
+    fn done(&self) {
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Requeues the unfinished messages found in `peer.db` at start, in order.
 /// Held ones stay with the tracker: its notice will finish them.
 pub async fn resume(inner: Arc<Inner>, pending: Vec<Pending>) {
@@ -124,29 +147,85 @@ impl Inner {
         // A conversation task may stop (idle) between our lookup and our
         // send; then the message comes back and a fresh task is started.
         for _ in 0..3 {
-            let (generation, tx) = {
+            let conversation = {
                 let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
-                let (generation, tx) = map.entry(to.key()).or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(CONVERSATION_QUEUE);
-                    let generation = self.next_generation();
-                    self.tasks
-                        .spawn(self.clone().conversation(to.clone(), generation, rx));
-                    (generation, tx)
-                });
-                (*generation, tx.clone())
+                map.entry(to.key())
+                    .or_insert_with(|| {
+                        let (tx, rx) = mpsc::channel(CONVERSATION_QUEUE);
+                        let conversation = Arc::new(Conversation {
+                            generation: self.next_generation(),
+                            queue: tx,
+                            waiting: AtomicUsize::new(0),
+                            turn: TurnLock::new(None),
+                        });
+                        self.tasks.spawn(self.clone().conversation(
+                            to.clone(),
+                            conversation.clone(),
+                            rx,
+                        ));
+                        conversation
+                    })
+                    .clone()
             };
-            match tx.send(msg).await {
+            conversation.waiting.fetch_add(1, Ordering::AcqRel);
+            match conversation.queue.send(msg).await {
                 Ok(()) => return Ok(()),
                 Err(mpsc::error::SendError(back)) => {
+                    conversation.done();
                     msg = back;
-                    let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
-                    if map.get(&to.key()).is_some_and(|(g, _)| *g == generation) {
-                        map.remove(&to.key());
-                    }
+                    self.forget_conversation(to, &conversation);
                 }
             }
         }
         Err(SendError::ShuttingDown)
+    }
+
+    /// The quick way for a new message, taken from the sender's own task:
+    /// when its conversation has nothing queued or in hand, and the direct
+    /// link its last message took is still the one to use, the message is
+    /// written there at once, as the conversation task would have done it,
+    /// without the hop to that task. Anything else is handed back for the
+    /// queue.
+    pub(crate) async fn send_now(self: &Arc<Self>, msg: Outgoing) -> Result<(), Outgoing> {
+        let conversation = self
+            .conversations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&msg.to.key())
+            .cloned();
+        let Some(conversation) = conversation else {
+            return Err(msg);
+        };
+        let Ok(last_link) = conversation.turn.try_lock() else {
+            return Err(msg);
+        };
+        // Checked under the turn: nothing queued can be overtaken.
+        if conversation.waiting.load(Ordering::Acquire) != 0 {
+            return Err(msg);
+        }
+        let Some(link) = last_link.as_ref() else {
+            return Err(msg);
+        };
+        let info = self.directory().get(&msg.to).cloned();
+        let usable = info.is_some_and(|info| {
+            self.links.is_current_direct(link, &info)
+                && matches!(self.store.check_key(&info.name, info.id), KeyCheck::Known)
+        });
+        if !usable {
+            return Err(msg);
+        }
+        self.write_to(link, msg).await;
+        Ok(())
+    }
+
+    fn forget_conversation(&self, to: &Name, conversation: &Arc<Conversation>) {
+        let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&to.key())
+            .is_some_and(|c| c.generation == conversation.generation)
+        {
+            map.remove(&to.key());
+        }
     }
 
     /// One task per destination sends its messages in the order they were
@@ -154,13 +233,9 @@ impl Inner {
     async fn conversation(
         self: Arc<Self>,
         to: Name,
-        generation: u64,
+        conversation: Arc<Conversation>,
         mut queue: mpsc::Receiver<Outgoing>,
     ) {
-        // The link the previous message went out on: before the first
-        // message on another link, what is in flight on this one is let
-        // through, so the receiver sees the conversation in order.
-        let mut last_link: Option<Link> = None;
         loop {
             let next = tokio::select! {
                 next = tokio::time::timeout(CONVERSATION_IDLE, queue.recv()) => next,
@@ -170,19 +245,20 @@ impl Inner {
                 Ok(Some(msg)) => msg,
                 Ok(None) => return,
                 Err(_idle) => {
-                    let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
-                    if map.get(&to.key()).is_some_and(|(g, _)| *g == generation) {
-                        map.remove(&to.key());
-                    }
+                    self.forget_conversation(&to, &conversation);
                     // Whatever raced in before the close is still sent.
                     queue.close();
                     continue;
                 }
             };
+            let mut last_link = conversation.turn.lock().await;
             // A message that needs the absent tracker holds up the ones
             // behind it: the conversation stays in order.
             loop {
-                match self.turn(msg, &mut queue, &mut last_link).await {
+                match self
+                    .turn(msg, &mut queue, &conversation, &mut last_link)
+                    .await
+                {
                     Turn::Done => break,
                     Turn::Wait(back) => {
                         msg = back;
@@ -204,14 +280,16 @@ impl Inner {
                     }
                 }
             }
+            conversation.done();
         }
     }
 
     /// Routes one message (see the module docs).
     async fn turn(
         self: &Arc<Self>,
-        mut msg: Outgoing,
+        msg: Outgoing,
         queue: &mut mpsc::Receiver<Outgoing>,
+        conversation: &Conversation,
         last_link: &mut Option<Link>,
     ) -> Turn {
         let listed = self.directory().get(&msg.to).cloned();
@@ -246,6 +324,7 @@ impl Inner {
                     while let Ok(queued) = queue.try_recv() {
                         self.settle(&queued, State::Undeliverable(reason.clone()))
                             .await;
+                        conversation.done();
                     }
                     return self.settle(&msg, State::Undeliverable(reason)).await;
                 }
@@ -258,20 +337,24 @@ impl Inner {
         {
             let _ = tokio::time::timeout(ACK_TIMEOUT, previous.drained()).await;
         }
+        self.write_to(&link, msg).await;
+        Turn::Done
+    }
+
+    /// Writes a message to a link: `sent` once handed to it, so it is always
+    /// reported before `delivered`; a failed write puts it back to `queued`.
+    async fn write_to(self: &Arc<Self>, link: &Link, mut msg: Outgoing) {
         msg.attempts += 1;
         let frame = ToReceiver::Msg {
             id: msg.id,
             sent_at_ms: msg.sent_at_ms,
             body: msg.body.clone(),
         };
-        // `sent` once handed to the link, so it is always reported before
-        // `delivered`; a failed write puts it back to `queued`.
         let path = link.path();
         self.settle(&msg, State::Sent(path)).await;
         let inner = self.clone();
         let on_ack: OnAck = Box::new(move |result| Box::pin(inner.acknowledged(msg, path, result)));
         link.send(self, frame, on_ack).await;
-        Turn::Done
     }
 
     /// What the link said of a message written to it.
