@@ -69,6 +69,9 @@ pub const STORE_LINGER: Duration = Duration::from_millis(50);
 /// [`Journal::reconcile`]), the whole file is applied to the database at
 /// most this often.
 pub const JOURNAL_RECONCILE: Duration = Duration::from_secs(1);
+/// Senders whose newest received id is kept in memory (the dedupe rule's
+/// shortcut); past this the memory is cleared and filled again as they write.
+pub const NEWEST_SENDERS: usize = 4096;
 /// Memory-mapped reads (the dedupe lookups): no copies, and no cache to
 /// rebuild after every commit.
 const MMAP_BYTES: u64 = 64 << 20;
@@ -302,6 +305,9 @@ pub struct Store {
     ledger: Arc<Mutex<HashMap<MessageId, Entry>>>,
     /// Received ids being shown, or shown and not yet committed.
     fresh: Arc<Mutex<HashMap<ReceivedKey, Fresh>>>,
+    /// Per sender, the greatest id ever received from it (`None`: nothing),
+    /// in `received` or in `fresh`. Locked inside `fresh`.
+    newest: Mutex<HashMap<PeerId, Option<MessageId>>>,
     keys: Mutex<HashMap<String, Known>>,
 }
 
@@ -651,6 +657,7 @@ impl Store {
             read,
             ledger: Arc::new(Mutex::new(ledger)),
             fresh: Arc::default(),
+            newest: Mutex::default(),
             keys: Mutex::new(keys),
         })
     }
@@ -941,11 +948,42 @@ impl Store {
             None => {}
         }
         let read = self.read();
-        let lookup = || -> rusqlite::Result<Option<bool>> {
-            // Open until the next commit (see the module docs).
+        // Open until the next commit (see the module docs).
+        let begin = || -> rusqlite::Result<()> {
             if read.is_autocommit() {
                 read.execute_batch("BEGIN")?;
             }
+            Ok(())
+        };
+        // Ids start with their time, so a sender's new message is nearly
+        // always newer than anything it sent before: then it cannot be a
+        // copy, and the lookup is skipped.
+        let mut newest = locked(&self.newest);
+        let before = match newest.get(&from_id) {
+            Some(before) => *before,
+            None => {
+                let max = || -> rusqlite::Result<Option<Vec<u8>>> {
+                    begin()?;
+                    read.prepare_cached("SELECT max(id) FROM received WHERE from_id = ?1")?
+                        .query_row(params![&from_id.0[..]], |r| r.get(0))
+                };
+                let max = max().map_err(|e| self.err(e))?;
+                let before = max.and_then(|b| <[u8; 16]>::try_from(b).ok().map(MessageId));
+                if newest.len() >= NEWEST_SENDERS {
+                    newest.clear();
+                }
+                newest.insert(from_id, before);
+                before
+            }
+        };
+        if before.is_none_or(|before| id > before) {
+            newest.insert(from_id, Some(id));
+            fresh.insert(key, Fresh::Showing(Vec::new()));
+            return Ok(Incoming::New);
+        }
+        drop(newest);
+        let lookup = || -> rusqlite::Result<Option<bool>> {
+            begin()?;
             read.prepare_cached("SELECT shown FROM received WHERE from_id = ?1 AND id = ?2")?
                 .query_row(params![&from_id.0[..], &id.0[..]], |r| r.get(0))
                 .optional()
@@ -1258,6 +1296,40 @@ mod tests {
         assert!(matches!(s.receive(alice, id).unwrap(), Incoming::Shown));
         // Another sender reusing the id cannot suppress alice's message or be suppressed.
         assert!(matches!(s.receive(mallory, id).unwrap(), Incoming::New));
+    }
+
+    #[tokio::test]
+    async fn dedupe_skips_the_lookup_only_for_ids_newer_than_all_from_that_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = PeerId([1; 32]);
+        // Ids made at these times (ms), their other bits random.
+        let (older, shown_before, newer) =
+            (MessageId::at(100), MessageId::at(200), MessageId::at(300));
+        {
+            let s = open(&dir);
+            assert!(matches!(
+                s.receive(alice, shown_before).unwrap(),
+                Incoming::New
+            ));
+            s.mark_shown(shown(alice, "alice", shown_before, "hi"));
+            s.close().await;
+        }
+        let s = open(&dir);
+        // The newest id from alice is read back from the rows: the one shown
+        // in the last run is not taken for new ...
+        assert!(matches!(
+            s.receive(alice, shown_before).unwrap(),
+            Incoming::Shown
+        ));
+        // ... an older id never seen (the sender's clock went back) is
+        // looked up, and is new ...
+        assert!(matches!(s.receive(alice, older).unwrap(), Incoming::New));
+        // ... and a newer one is new, once.
+        assert!(matches!(s.receive(alice, newer).unwrap(), Incoming::New));
+        assert!(matches!(
+            s.receive(alice, newer).unwrap(),
+            Incoming::Showing(_)
+        ));
     }
 
     #[tokio::test]
