@@ -85,9 +85,43 @@ impl<In: DeserializeOwned, Out> Decoder for Codec<In, Out> {
 impl<In, Out: Serialize> Encoder<Out> for Codec<In, Out> {
     type Error = FrameError;
 
+    /// Serializes straight into `dst` behind a length prefix filled in
+    /// afterwards, the format `LengthDelimitedCodec` reads: no buffer of its
+    /// own per frame.
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let body = encode(&item)?;
-        Ok(self.inner.encode(body, dst)?)
+        let start = dst.len();
+        dst.extend_from_slice(&[0; LENGTH_PREFIX]);
+        let written = postcard::to_extend(&item, Tail(dst)).map(drop);
+        let len = dst.len() - start - LENGTH_PREFIX;
+        let prefix = match written {
+            Ok(()) => u32::try_from(len)
+                .ok()
+                .filter(|_| len <= MAX_FRAME_LEN)
+                .ok_or(FrameError::TooLarge(len)),
+            Err(e) => Err(e.into()),
+        };
+        match prefix {
+            Ok(prefix) => {
+                dst[start..start + LENGTH_PREFIX].copy_from_slice(&prefix.to_be_bytes());
+                Ok(())
+            }
+            Err(e) => {
+                dst.truncate(start);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Bytes of a frame's length prefix.
+const LENGTH_PREFIX: usize = 4;
+
+/// Appends to the end of a buffer (postcard writes through `Extend`).
+struct Tail<'a>(&'a mut BytesMut);
+
+impl Extend<u8> for Tail<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+        self.0.extend(bytes);
     }
 }
 

@@ -1430,6 +1430,30 @@ fn frame_is_a_four_byte_big_endian_length_then_the_postcard_body() {
 }
 
 #[test]
+fn a_value_over_max_frame_len_is_refused_and_leaves_the_buffer_as_it_was() {
+    let mut sender = Codec::<ToSender, ToReceiver>::default();
+    let mut buf = BytesMut::new();
+    let open = ToReceiver::Open {
+        from: name("alice"),
+    };
+    sender.encode(open.clone(), &mut buf).unwrap();
+    let before = buf.clone();
+    let huge = ToReceiver::Msg {
+        id: MessageId([1; 16]),
+        sent_at_ms: 1,
+        body: "x".repeat(MAX_FRAME_LEN),
+    };
+    match sender.encode(huge, &mut buf) {
+        Err(FrameError::TooLarge(len)) => assert!(len > MAX_FRAME_LEN, "{len}"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert_eq!(buf, before, "the frames before it are intact");
+    let mut receiver = Codec::<ToReceiver, ToSender>::default();
+    assert_eq!(receiver.decode(&mut buf).unwrap(), Some(open));
+    assert!(buf.is_empty());
+}
+
+#[test]
 fn length_prefix_over_max_frame_len_is_an_error_without_allocating_the_frame() {
     let over = u32::try_from(MAX_FRAME_LEN + 1).unwrap();
     for len in [over, 1 << 30, u32::MAX] {
