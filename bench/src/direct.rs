@@ -36,6 +36,13 @@ const ALPN_ECHO: &[u8] = b"tincan-bench/echo";
 /// Round-trip samples, sorted.
 pub struct Latencies(pub Vec<Duration>);
 
+impl From<Vec<Duration>> for Latencies {
+    fn from(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        Self(samples)
+    }
+}
+
 impl Latencies {
     pub fn percentile(&self, p: f64) -> Duration {
         crate::report::percentile(&self.0, p)
@@ -81,39 +88,62 @@ impl RawPair {
     }
 }
 
-/// Raw quinn: `warmup + count` round trips of [`RTT_PAYLOAD`] bytes echoed on
-/// one long-lived bidirectional stream.
-pub async fn raw_rtt(count: usize, warmup: usize) -> Result<Latencies, BenchError> {
-    let pair = RawPair::new()?;
-    let server = pair.server.clone();
-    let echo = tokio::spawn(async move {
-        let conn = server.accept().await?.await.ok()?;
-        let (mut send, mut recv) = conn.accept_bi().await.ok()?;
-        let mut buf = [0u8; RTT_PAYLOAD];
-        while recv.read_exact(&mut buf).await.is_ok() {
-            send.write_all(&buf).await.ok()?;
-        }
-        Some(())
-    });
-    let conn = pair.connect().await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let out = [7u8; RTT_PAYLOAD];
-    let mut back = [0u8; RTT_PAYLOAD];
-    let mut samples = Vec::with_capacity(count);
-    for i in 0..warmup + count {
-        let t = Instant::now();
-        send.write_all(&out).await?;
-        within("raw echo", recv.read_exact(&mut back)).await??;
-        if i >= warmup {
-            samples.push(t.elapsed());
-        }
+/// Raw quinn: round trips of [`RTT_PAYLOAD`] bytes echoed on one long-lived
+/// bidirectional stream between two endpoints in this process.
+pub struct RawEcho {
+    pair: RawPair,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    echo: tokio::task::JoinHandle<Option<()>>,
+}
+
+impl RawEcho {
+    pub async fn start() -> Result<Self, BenchError> {
+        let pair = RawPair::new()?;
+        let server = pair.server.clone();
+        let echo = tokio::spawn(async move {
+            let conn = server.accept().await?.await.ok()?;
+            let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+            let mut buf = [0u8; RTT_PAYLOAD];
+            while recv.read_exact(&mut buf).await.is_ok() {
+                send.write_all(&buf).await.ok()?;
+            }
+            Some(())
+        });
+        let conn = pair.connect().await?;
+        let (send, recv) = conn.open_bi().await?;
+        Ok(Self {
+            pair,
+            conn,
+            send,
+            recv,
+            echo,
+        })
     }
-    let _ = send.finish();
-    conn.close(0u32.into(), b"done");
-    let _ = timeout(WAIT, echo).await;
-    pair.client.wait_idle().await;
-    samples.sort_unstable();
-    Ok(Latencies(samples))
+
+    /// `warmup + count` round trips; the last `count` are timed.
+    pub async fn rtt(&mut self, count: usize, warmup: usize) -> Result<Vec<Duration>, BenchError> {
+        let out = [7u8; RTT_PAYLOAD];
+        let mut back = [0u8; RTT_PAYLOAD];
+        let mut samples = Vec::with_capacity(count);
+        for i in 0..warmup + count {
+            let t = Instant::now();
+            self.send.write_all(&out).await?;
+            within("raw echo", self.recv.read_exact(&mut back)).await??;
+            if i >= warmup {
+                samples.push(t.elapsed());
+            }
+        }
+        Ok(samples)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.send.finish();
+        self.conn.close(0u32.into(), b"done");
+        let _ = timeout(WAIT, self.echo).await;
+        self.pair.client.wait_idle().await;
+    }
 }
 
 /// Raw quinn: `count` postcard messages with a [`TPUT_BODY`]-byte body, framed
@@ -245,7 +275,7 @@ impl NodePair {
 
     /// Send → delivered for `warmup + count` messages of [`RTT_PAYLOAD`] bytes,
     /// one at a time (the first ones also bring the direct link up).
-    pub async fn rtt(&mut self, count: usize, warmup: usize) -> Result<Latencies, BenchError> {
+    pub async fn rtt(&mut self, count: usize, warmup: usize) -> Result<Vec<Duration>, BenchError> {
         let text = "r".repeat(RTT_PAYLOAD);
         let mut samples = Vec::with_capacity(count);
         for i in 0..warmup + count {
@@ -260,8 +290,7 @@ impl NodePair {
                 samples.push(t.elapsed());
             }
         }
-        samples.sort_unstable();
-        Ok(Latencies(samples))
+        Ok(samples)
     }
 
     /// `count` messages of [`TPUT_BODY`] bytes sent back to back (pipelined);

@@ -213,12 +213,43 @@ async fn start_tracker(
     Ok((server, key))
 }
 
+/// The RTT samples are taken in this many rounds, each a block of tincan
+/// and a block of raw quinn (which goes first alternates), so that a machine
+/// getting busier or quieter during the run weighs on both alike.
+pub const RTT_ROUNDS: usize = 10;
+
+/// `opts.rtt_messages` round trips of each, interleaved in [`RTT_ROUNDS`]
+/// rounds after `opts.rtt_warmup` of each; returns (tincan, raw quinn).
+async fn interleaved_rtt(
+    pair: &mut NodePair,
+    echo: &mut direct::RawEcho,
+    opts: &Options,
+) -> Result<(direct::Latencies, direct::Latencies), BenchError> {
+    pair.rtt(0, opts.rtt_warmup).await?;
+    echo.rtt(0, opts.rtt_warmup).await?;
+    let (mut tin, mut raw) = (Vec::new(), Vec::new());
+    for round in 0..RTT_ROUNDS {
+        // Round r takes the r-th share of the count, so the shares add up.
+        let count =
+            opts.rtt_messages * (round + 1) / RTT_ROUNDS - opts.rtt_messages * round / RTT_ROUNDS;
+        if round % 2 == 0 {
+            tin.extend(pair.rtt(count, 0).await?);
+            raw.extend(echo.rtt(count, 0).await?);
+        } else {
+            raw.extend(echo.rtt(count, 0).await?);
+            tin.extend(pair.rtt(count, 0).await?);
+        }
+    }
+    Ok((tin.into(), raw.into()))
+}
+
 async fn direct_figures(opts: &Options, dir: &Path, report: &mut Report) -> Result<(), BenchError> {
-    let raw = direct::raw_rtt(opts.rtt_messages, opts.rtt_warmup).await?;
     let (tracker, key) = start_tracker(opts, dir, "direct-tracker", 0, Presence::Broadcast).await?;
     let nodes = dir.join("nodes");
     let mut pair = NodePair::start(tracker.addr, key, &nodes, ("alice", "bob"), false).await?;
-    let tin = pair.rtt(opts.rtt_messages, opts.rtt_warmup).await?;
+    let mut echo = direct::RawEcho::start().await?;
+    let (tin, raw) = interleaved_rtt(&mut pair, &mut echo, opts).await?;
+    echo.stop().await;
     let raw_rate = direct::raw_throughput(opts.raw_tput_messages).await?;
     let tin_rate = pair.throughput(opts.tput_messages).await?;
     let direct_relayed = pair.relayed;
@@ -252,10 +283,12 @@ async fn direct_figures(opts: &Options, dir: &Path, report: &mut Report) -> Resu
         "direct_rtt: two tincan Nodes in this process (alice → bob, direct link over loopback, \
          tracker in its own process), {} sequential {}-byte messages, send() → Delivered event; \
          raw: quinn {}-byte echo on one long-lived stream between two endpoints in this process, \
-         same TLS",
+         same TLS; taken in {} interleaved rounds of both after {} warm-up round trips of each",
         opts.rtt_messages,
         direct::RTT_PAYLOAD,
-        direct::RTT_PAYLOAD
+        direct::RTT_PAYLOAD,
+        RTT_ROUNDS,
+        opts.rtt_warmup
     ));
     report.goal(Goal {
         name: "direct_rtt",
