@@ -33,6 +33,13 @@ pub const DEFAULT_HISTORY: usize = 20;
 pub const MAX_HISTORY: usize = 10_000;
 /// Names `/who all` shows at a time (it says how to see the next ones).
 pub const WHO_ALL_PAGE: usize = 50;
+/// On `/quit`, JSON `logout`, Ctrl-C, SIGTERM or SIGHUP: how long the
+/// messages on their way get to reach a final state (or the tracker) before
+/// the peer logs out. What is still on its way then stays in the outbox, and
+/// the user is told. A second Ctrl-C or signal leaves at once. (At the end
+/// of input the wait is `DIAL_TIMEOUT + ACK_TIMEOUT`: a script that pipes
+/// messages in expects them sent.)
+pub const QUIT_SETTLE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -62,48 +69,62 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
         tokio::io::stdin(),
         LinesCodec::new_with_max_length(MAX_LINE),
     );
-    let mut failed = false;
     let stop = stop_requested();
     tokio::pin!(stop);
-    loop {
+    let end = loop {
         tokio::select! {
             event = events.recv() => match event {
                 Some(Event::Fatal { reason }) => {
                     out.event(&node, Event::Fatal { reason });
-                    failed = true;
-                    break;
+                    break End::Failed;
                 }
                 Some(event) => out.event(&node, event),
-                None => break,
+                None => break End::NodeStopped,
             },
             line = lines.next() => match line {
                 Some(Ok(line)) => {
                     if out.command(&node, &line).await == Flow::Quit {
-                        break;
+                        break End::Quit;
                     }
                 }
                 Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
                     out.error(None, &format!("input line longer than {MAX_LINE} bytes ignored"));
                 }
-                // End of input: let what was sent reach its final state, then leave.
-                None | Some(Err(_)) => {
-                    let settle = node.settle(DIAL_TIMEOUT + ACK_TIMEOUT);
-                    tokio::pin!(settle);
-                    loop {
-                        tokio::select! {
-                            () = &mut settle => break,
-                            Some(event) = events.recv() => out.event(&node, event),
-                        }
-                    }
-                    break;
-                }
+                None | Some(Err(_)) => break End::InputClosed,
             },
-            () = &mut stop => break,
+            () = &mut stop => break End::Quit,
+        }
+    };
+    let wait = match end {
+        End::Failed => {
+            node.shutdown().await;
+            return Exit::Failed;
+        }
+        End::NodeStopped => Duration::ZERO,
+        End::Quit => QUIT_SETTLE,
+        End::InputClosed => DIAL_TIMEOUT + ACK_TIMEOUT,
+    };
+    // Let what was sent reach its final state (bounded), showing how it
+    // goes; then say what is left for the next start.
+    if !wait.is_zero() {
+        let settle = node.settle(wait);
+        let again = stop_requested();
+        tokio::pin!(settle, again);
+        loop {
+            tokio::select! {
+                () = &mut settle => break,
+                () = &mut again => break,
+                Some(event) = events.recv() => out.event(&node, event),
+            }
         }
     }
-    if failed {
-        node.shutdown().await;
-        return Exit::Failed;
+    let unfinished = node.unfinished();
+    if unfinished > 0 {
+        let message = format!(
+            "{} not delivered yet: kept in the outbox, sent when this peer starts again",
+            messages(unfinished)
+        );
+        out.event(&node, Event::Warning { message });
     }
     node.logout().await;
     while let Ok(event) = events.try_recv() {
@@ -113,6 +134,17 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
         out.line("logged out. Goodbye.");
     }
     Exit::Quit
+}
+
+/// Why the front end's loop ended.
+enum End {
+    /// `/quit`, JSON `logout`, or a stop signal.
+    Quit,
+    InputClosed,
+    /// The node's event channel closed.
+    NodeStopped,
+    /// A fatal event (already printed).
+    Failed,
 }
 
 /// Resolves when the user or the system asks the peer to stop: Ctrl-C
@@ -143,6 +175,15 @@ async fn stop_requested() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
+    }
+}
+
+/// "1 message", "3 messages".
+fn messages(n: usize) -> String {
+    if n == 1 {
+        "1 message".to_string()
+    } else {
+        format!("{n} messages")
     }
 }
 

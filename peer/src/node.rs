@@ -554,6 +554,11 @@ impl Node {
         let _ = tokio::time::timeout(max, self.inner.in_flight.acquire_many(all)).await;
     }
 
+    /// Messages sent and not yet final or left with the tracker.
+    pub fn unfinished(&self) -> usize {
+        MAX_IN_FLIGHT.saturating_sub(self.inner.in_flight.available_permits())
+    }
+
     /// Resolves when the node has stopped (after logout or a fatal event).
     pub async fn stopped(&self) {
         self.inner.cancel.cancelled().await;

@@ -384,3 +384,64 @@ async fn an_unreadable_database_is_a_clear_error_and_is_left_untouched() -> Resu
     assert_eq!(std::fs::read(&db)?, garbage, "the database was modified");
     Ok(())
 }
+
+#[tokio::test]
+async fn quit_right_after_sending_lets_the_message_be_delivered_first() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let mut bob = Peer::start_json("bob", &tracker).await?;
+    let mut alice = Peer::start_text("alice", &tracker).await?;
+    alice.type_line("/msg bob see you tomorrow").await?;
+    alice.type_line("/quit").await?;
+    alice
+        .expect_line("the delivered line", |l| l.contains("to bob: delivered ("))
+        .await?;
+    alice
+        .expect_line("the goodbye line", |l| l == "logged out. Goodbye.")
+        .await?;
+    assert!(alice.wait_exit(WAIT).await?.success());
+    bob.expect_event("message", |v| v["text"] == "see you tomorrow")
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn what_is_still_on_its_way_at_quit_stays_in_the_outbox_and_the_user_is_told() -> Result<()> {
+    use rustix::process::{Pid, Signal, kill_process};
+    let tracker = Tracker::start().await?;
+    let mut bob = Peer::start_json("bob", &tracker).await?;
+    let bob_pid = bob
+        .pid()
+        .and_then(|p| i32::try_from(p).ok())
+        .and_then(Pid::from_raw)
+        .context("bob has no pid")?;
+    let alice_dir = tempfile::tempdir()?;
+    let alice_opts = || PeerOpts::new("alice", &tracker, Mode::Text).dir(alice_dir.path());
+    let mut alice = alice_opts().start().await?;
+    // bob is frozen: still online for the tracker (for a few seconds), but
+    // neither a dial nor a relay circuit reaches him.
+    kill_process(bob_pid, Signal::STOP)?;
+    alice.type_line("/msg bob are you there").await?;
+    alice.type_line("/quit").await?;
+    let quit = std::time::Instant::now();
+    let warned = alice
+        .expect_line("the outbox warning", |l| {
+            l.contains("1 message not delivered yet: kept in the outbox")
+        })
+        .await;
+    kill_process(bob_pid, Signal::CONT)?;
+    warned?;
+    alice
+        .expect_line("the goodbye line", |l| l == "logged out. Goodbye.")
+        .await?;
+    assert!(alice.wait_exit(WAIT).await?.success());
+    assert!(
+        quit.elapsed() < Duration::from_secs(8),
+        "quitting took {:?}",
+        quit.elapsed()
+    );
+    // At the next start the message goes out, and bob sees it.
+    let _alice = alice_opts().start().await?;
+    bob.expect_event("message", |v| v["text"] == "are you there")
+        .await?;
+    Ok(())
+}
