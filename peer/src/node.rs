@@ -279,7 +279,7 @@ impl Inner {
             Some(id) => id == key,
             None => match self.lookup(name).await {
                 Ok(Some(info)) if info.id == key => {
-                    self.directory().insert(info);
+                    self.learned(info).await;
                     true
                 }
                 Ok(_) => false,
@@ -289,6 +289,28 @@ impl Inner {
             },
         };
         bound && self.observe_key(name, key).await
+    }
+
+    /// A peer a lookup found online, put on the client list. If it was not
+    /// there, the user is told it is online now, before anything it sends
+    /// is shown (its `Joined` may still be on its way from the tracker, and
+    /// will then not be announced twice).
+    pub(crate) async fn learned(&self, info: PeerInfo) {
+        let (name, id) = (info.name.clone(), info.id);
+        let new = {
+            let mut directory = self.directory();
+            let new = directory.get(&name).is_none();
+            directory.insert(info);
+            new
+        };
+        if new && name != self.config.name {
+            self.emit(Event::Presence {
+                name,
+                id,
+                online: true,
+            })
+            .await;
+        }
     }
 
     /// Asks the tracker who `name` is; `Err` when the tracker is unavailable.

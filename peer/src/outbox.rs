@@ -297,7 +297,7 @@ impl Inner {
             Some(info) => Some(info),
             None => match self.lookup(&msg.to).await {
                 Ok(Some(info)) => {
-                    self.directory().insert(info.clone());
+                    self.learned(info.clone()).await;
                     Some(info)
                 }
                 Ok(None) => None,

@@ -607,22 +607,25 @@ async fn follow(
     }
 }
 
-/// Applies one change to the client list and tells the user.
+/// Applies one change to the client list and tells the user (unless it
+/// changes nothing the user was not told: a join that a lookup found first).
 async fn on_presence(inner: &Arc<Inner>, change: PresenceChange) {
+    let mut known = false;
     if let PresenceChange::Joined(info) = &change {
-        // The same peer back from another address (it restarted): the old
-        // link is dead, drop it now rather than after its idle timeout.
-        let moved = inner
+        let old = inner
             .directory()
             .get(&info.name)
-            .is_some_and(|old| old.id == info.id && old.observed != info.observed);
-        if moved {
+            .map(|old| (old.id, old.observed));
+        // The same peer back from another address (it restarted): the old
+        // link is dead, drop it now rather than after its idle timeout.
+        if old.is_some_and(|(id, observed)| id == info.id && observed != info.observed) {
             inner.links.forget(&info.id);
         }
+        known = old == Some((info.id, info.observed));
         inner.observe_key(&info.name, info.id).await;
     }
     let (name, id, online) = inner.directory().apply(change);
-    if name != inner.config.name {
+    if name != inner.config.name && !known {
         if !online {
             inner.links.forget(&id);
         }

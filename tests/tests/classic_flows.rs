@@ -66,6 +66,42 @@ async fn message_is_delivered_directly_and_shown_with_the_seed_wording() -> Resu
 }
 
 #[tokio::test]
+async fn a_newcomer_that_writes_at_once_is_shown_online_before_its_message() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let mut bob = Peer::start_json("bob", &tracker).await?;
+    // bob has been online a while: carol's arrival reached him.
+    let _carol = Peer::start_json("carol", &tracker).await?;
+    bob.expect_event("presence", |v| v["name"] == "carol" && v["online"] == true)
+        .await?;
+    // alice's message is typed before she has even enrolled: it goes out
+    // (direct) as soon as she has, and can outrun the tracker's presence push.
+    let mut alice = PeerOpts::new("alice", &tracker, Mode::Text).spawn()?;
+    alice.type_line("/msg bob hi, just arrived").await?;
+    // bob's events in the order he got them, up to the message.
+    let mut online_first = false;
+    for _ in 0..100 {
+        let event = bob.next_json(WAIT).await?;
+        if event["event"] == "presence" && event["name"] == "alice" {
+            online_first = event["online"] == true;
+        }
+        if event["event"] == "message" {
+            assert_eq!(event["text"], "hi, just arrived");
+            break;
+        }
+    }
+    assert!(
+        online_first,
+        "bob was shown alice's message before alice online"
+    );
+    // The tracker's own announcement of alice, when it comes, is not a second one.
+    let again = bob
+        .expect_event_within("presence", Duration::from_secs(1), |v| v["name"] == "alice")
+        .await;
+    assert!(again.is_err(), "alice was announced twice: {again:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn many_messages_each_arrive_once_in_order() -> Result<()> {
     let tracker = Tracker::start().await?;
     let mut bob = Peer::start_json("bob", &tracker).await?;
