@@ -493,6 +493,16 @@ impl Peer {
         self.proc.pid()
     }
 
+    /// Sends a signal to the process (by its pid).
+    pub fn signal(&self, signal: rustix::process::Signal) -> Result<()> {
+        let pid = self
+            .pid()
+            .and_then(|p| i32::try_from(p).ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or_else(|| anyhow!("peer {} has no pid", self.name))?;
+        Ok(rustix::process::kill_process(pid, signal)?)
+    }
+
     /// Sends a text-mode line.
     pub async fn type_line(&mut self, line: &str) -> Result<()> {
         self.proc.write_line(line).await

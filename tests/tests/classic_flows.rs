@@ -192,12 +192,7 @@ async fn sigterm_and_sighup_log_out_as_quit_does() -> Result<()> {
             .await?;
         bob.expect_event("presence", |v| v["name"] == "alice" && v["online"] == true)
             .await?;
-        let pid = alice
-            .pid()
-            .and_then(|p| i32::try_from(p).ok())
-            .and_then(rustix::process::Pid::from_raw)
-            .ok_or_else(|| anyhow::anyhow!("alice has no pid"))?;
-        rustix::process::kill_process(pid, signal)?;
+        alice.signal(signal)?;
         alice
             .expect_line("the goodbye line", |l| l == "logged out. Goodbye.")
             .await

@@ -406,20 +406,15 @@ async fn quit_right_after_sending_lets_the_message_be_delivered_first() -> Resul
 
 #[tokio::test]
 async fn what_is_still_on_its_way_at_quit_stays_in_the_outbox_and_the_user_is_told() -> Result<()> {
-    use rustix::process::{Pid, Signal, kill_process};
+    use rustix::process::Signal;
     let tracker = Tracker::start().await?;
     let mut bob = Peer::start_json("bob", &tracker).await?;
-    let bob_pid = bob
-        .pid()
-        .and_then(|p| i32::try_from(p).ok())
-        .and_then(Pid::from_raw)
-        .context("bob has no pid")?;
     let alice_dir = tempfile::tempdir()?;
     let alice_opts = || PeerOpts::new("alice", &tracker, Mode::Text).dir(alice_dir.path());
     let mut alice = alice_opts().start().await?;
     // bob is frozen: still online for the tracker (for a few seconds), but
     // neither a dial nor a relay circuit reaches him.
-    kill_process(bob_pid, Signal::STOP)?;
+    bob.signal(Signal::STOP)?;
     alice.type_line("/msg bob are you there").await?;
     alice.type_line("/quit").await?;
     let quit = std::time::Instant::now();
@@ -428,7 +423,7 @@ async fn what_is_still_on_its_way_at_quit_stays_in_the_outbox_and_the_user_is_to
             l.contains("1 message not delivered yet: kept in the outbox")
         })
         .await;
-    kill_process(bob_pid, Signal::CONT)?;
+    bob.signal(Signal::CONT)?;
     warned?;
     alice
         .expect_line("the goodbye line", |l| l == "logged out. Goodbye.")
