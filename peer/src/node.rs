@@ -171,6 +171,11 @@ impl Inner {
         self.directory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether the front end keeps up: at least half of [`EVENT_QUEUE`] free.
+    pub(crate) fn front_end_keeps_up(&self) -> bool {
+        self.events.capacity() >= EVENT_QUEUE / 2
+    }
+
     pub(crate) async fn emit(&self, event: Event) {
         // Only fails when the front end is gone, and then nobody is listening.
         let _ = self.events.send(event).await;

@@ -187,6 +187,12 @@ impl Inner {
     /// without the hop to that task. Anything else is handed back for the
     /// queue.
     pub(crate) async fn send_now(self: &Arc<Self>, msg: Outgoing) -> Result<(), Outgoing> {
+        // It announces `sent` from the caller's task: a front end that sends
+        // and reads the events in one task, and has fallen behind, must not
+        // come to wait there on itself.
+        if !self.front_end_keeps_up() {
+            return Err(msg);
+        }
         let conversation = self
             .conversations
             .lock()

@@ -440,3 +440,88 @@ async fn what_is_still_on_its_way_at_quit_stays_in_the_outbox_and_the_user_is_to
         .await?;
     Ok(())
 }
+
+/// The `Node` API, in this process: a front end that sends from the task
+/// that also reads the events, and has fallen behind on them, is not made to
+/// wait on itself by `send` while the conversation queue has room.
+#[tokio::test]
+async fn send_does_not_wait_on_a_front_end_that_has_fallen_behind() -> Result<()> {
+    use tincan_peer::{Config, Event, Node};
+    use tincan_proto::{Name, PeerId};
+    let tracker = Tracker::start().await?;
+    let key = PeerId::from_hex(&tracker.key)?;
+    let dirs = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let node = |name: &str, dir: &std::path::Path| {
+        let mut config = Config::new(Name::parse(name)?, tracker.addr.clone(), dir);
+        config.tracker_key = Some(key);
+        config.bind = "127.0.0.1:0".parse()?;
+        anyhow::Ok(config)
+    };
+    let (bob, mut bob_events) = Node::start(node("bob", dirs.1.path())?).await?;
+    // bob's front end keeps up.
+    let shown = tokio::spawn(async move {
+        let mut shown = 0;
+        while let Some(event) = bob_events.recv().await {
+            if matches!(event, Event::Message { .. }) {
+                shown += 1;
+            }
+        }
+        shown
+    });
+    let (alice, mut alice_events) = Node::start(node("alice", dirs.0.path())?).await?;
+    tokio::time::timeout(WAIT, async {
+        while let Some(event) = alice_events.recv().await {
+            let heard = match &event {
+                Event::ClientList { peers } => peers.iter().any(|p| p.name.as_str() == "bob"),
+                Event::Presence { name, online, .. } => *online && name.as_str() == "bob",
+                _ => false,
+            };
+            if heard {
+                return;
+            }
+        }
+    })
+    .await
+    .context("alice never heard of bob")?;
+    // A first message brings the direct link up; then the conversation is
+    // idle, and the next messages take the quick path.
+    let first = alice.send("bob", "hello").await?;
+    tokio::time::timeout(WAIT, async {
+        while let Some(event) = alice_events.recv().await {
+            if matches!(event, Event::Delivered { id, .. } if id == first) {
+                return;
+            }
+        }
+    })
+    .await
+    .context("the first message was not delivered")?;
+    // alice's front end reads no event while it sends: each message makes
+    // `sent` and `delivered`, so the event queue fills after about half of
+    // EVENT_QUEUE messages.
+    const N: usize = tincan_peer::node::EVENT_QUEUE;
+    for i in 0..N {
+        tokio::time::timeout(Duration::from_secs(10), alice.send("bob", &format!("m{i}")))
+            .await
+            .with_context(|| format!("send {i} of {N} waited on the unread events"))??;
+    }
+    // It catches up: every message is delivered and shown.
+    let mut delivered = 0;
+    tokio::time::timeout(WAIT, async {
+        while delivered < N {
+            match alice_events.recv().await {
+                Some(Event::Delivered { .. }) => delivered += 1,
+                Some(_) => {}
+                None => break,
+            }
+        }
+    })
+    .await
+    .with_context(|| format!("only {delivered} of {N} delivered"))?;
+    assert_eq!(delivered, N);
+    alice.shutdown().await;
+    bob.shutdown().await;
+    drop(bob);
+    let shown = tokio::time::timeout(WAIT, shown).await??;
+    assert_eq!(shown, N + 1);
+    Ok(())
+}
