@@ -40,3 +40,4 @@ pub mod tracker_client;
 
 pub use event::{Event, Path};
 pub use node::{Config, KeyInfo, Node, PeerStatus, SendError, StartError};
+pub use tracker_client::default_bind;

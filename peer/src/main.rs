@@ -34,9 +34,10 @@ struct Args {
     /// The tracker's key (64 hex characters), instead of trusting it on first contact.
     #[arg(long, value_parser = parse_key)]
     tracker_key: Option<PeerId>,
-    /// Local UDP address for this peer's endpoint.
-    #[arg(long, default_value = "0.0.0.0:0")]
-    bind: SocketAddr,
+    /// Local UDP address for this peer's endpoint [default: 0.0.0.0:0, or
+    /// [::]:0 when the tracker has only IPv6 addresses].
+    #[arg(long)]
+    bind: Option<SocketAddr>,
     /// Do not leave messages for offline peers with the tracker: bounce
     /// them at once, as the classic IM server did.
     #[arg(long)]
@@ -116,7 +117,10 @@ async fn run(args: Args) -> anyhow::Result<Exit> {
     };
     let mut config = Config::new(args.name, args.tracker, data_dir);
     config.tracker_key = args.tracker_key;
-    config.bind = args.bind;
+    config.bind = match args.bind {
+        Some(bind) => bind,
+        None => tincan_peer::default_bind(&config.tracker).await,
+    };
     config.offline_delivery = !args.no_offline;
     config.relay_only = args.relay_only;
     config.store_linger = std::time::Duration::from_millis(args.store_linger_ms);

@@ -5,7 +5,12 @@
 //! with capped exponential backoff. Direct conversations do not depend on
 //! any of this.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures_util::{SinkExt, StreamExt};
 use quinn::{Connection, RecvStream, SendStream};
@@ -405,6 +410,25 @@ fn unexpected(
     };
     conn.close(close::PROTOCOL.into(), b"unexpected frame");
     EnrollError::Protocol(what)
+}
+
+/// The endpoint address a peer binds when not told: any IPv4 address, or
+/// any IPv6 address when the tracker has IPv6 addresses only. (If the lookup
+/// fails, IPv4, and enrolling then says why the tracker cannot be reached.)
+pub async fn default_bind(tracker: &str) -> SocketAddr {
+    const V4: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+    const V6: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
+    match timeout(TRACKER_TIMEOUT, tokio::net::lookup_host(tracker)).await {
+        Ok(Ok(addrs)) => {
+            let addrs: Vec<SocketAddr> = addrs.collect();
+            if !addrs.is_empty() && addrs.iter().all(SocketAddr::is_ipv6) {
+                V6
+            } else {
+                V4
+            }
+        }
+        _ => V4,
+    }
 }
 
 async fn resolve(tracker: &str, want_v4: bool) -> Result<SocketAddr, EnrollError> {

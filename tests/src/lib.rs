@@ -383,8 +383,8 @@ pub struct PeerOpts {
     pub extra: Vec<String>,
     /// Command the binary is started through (e.g. `ip netns exec NS`).
     pub wrapper: Vec<String>,
-    /// `--bind` address.
-    pub bind: String,
+    /// `--bind` address; `None`: the flag is left out (the peer's default).
+    pub bind: Option<String>,
 }
 
 impl PeerOpts {
@@ -396,7 +396,7 @@ impl PeerOpts {
             dir: None,
             extra: Vec::new(),
             wrapper: Vec::new(),
-            bind: "127.0.0.1:0".into(),
+            bind: Some("127.0.0.1:0".into()),
         }
     }
 
@@ -408,7 +408,13 @@ impl PeerOpts {
 
     /// The local address to bind (default 127.0.0.1:0).
     pub fn bind(mut self, addr: &str) -> Self {
-        self.bind = addr.into();
+        self.bind = Some(addr.into());
+        self
+    }
+
+    /// No `--bind`: the peer chooses its own address.
+    pub fn default_bind(mut self) -> Self {
+        self.bind = None;
         self
     }
 
@@ -439,9 +445,10 @@ impl PeerOpts {
             self.tracker,
             "--data-dir".into(),
             dir.display().to_string(),
-            "--bind".into(),
-            self.bind,
         ];
+        if let Some(bind) = self.bind {
+            args.extend(["--bind".into(), bind]);
+        }
         if self.mode == Mode::Json {
             args.push("--json".into());
         }

@@ -102,6 +102,30 @@ async fn a_newcomer_that_writes_at_once_is_shown_online_before_its_message() -> 
 }
 
 #[tokio::test]
+async fn peers_reach_an_ipv6_only_tracker_without_being_told_how() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tracker = Tracker::start_at("[::1]:0", dir.path()).await?;
+    // No --bind: the peer binds IPv6 because the tracker has no IPv4 address.
+    let mut bob = PeerOpts::new("bob", &tracker, Mode::Json)
+        .default_bind()
+        .start()
+        .await?;
+    let mut alice = PeerOpts::new("alice", &tracker, Mode::Json)
+        .default_bind()
+        .start()
+        .await?;
+    let id = alice.send("bob", "over IPv6").await?;
+    alice
+        .expect_event("delivered", |v| {
+            v["msg_id"] == id.as_str() && v["path"] == "direct"
+        })
+        .await?;
+    bob.expect_event("message", |v| v["text"] == "over IPv6")
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn many_messages_each_arrive_once_in_order() -> Result<()> {
     let tracker = Tracker::start().await?;
     let mut bob = Peer::start_json("bob", &tracker).await?;
