@@ -122,7 +122,7 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
     if unfinished > 0 {
         let message = format!(
             "{} not delivered yet: kept in the outbox, sent when this peer starts again",
-            messages(unfinished)
+            counted(unfinished, "message")
         );
         out.event(&node, Event::Warning { message });
     }
@@ -178,21 +178,12 @@ async fn stop_requested() {
     }
 }
 
-/// "1 message", "3 messages".
-fn messages(n: usize) -> String {
+/// "1 name", "3 names": a count and its noun.
+fn counted(n: usize, noun: &str) -> String {
     if n == 1 {
-        "1 message".to_string()
+        format!("1 {noun}")
     } else {
-        format!("{n} messages")
-    }
-}
-
-/// "1 name", "3 names".
-fn names(n: usize) -> String {
-    if n == 1 {
-        "1 name".to_string()
-    } else {
-        format!("{n} names")
+        format!("{n} {noun}s")
     }
 }
 
@@ -333,7 +324,7 @@ impl Output {
             (PresenceMode::Subscribe { .. }, followed) => self.line(&format!(
                 "{} online among the {} you follow (and you):",
                 peers.iter().filter(|p| !p.me).count(),
-                names(followed.len())
+                counted(followed.len(), "name")
             )),
         }
         for p in &peers {
@@ -748,11 +739,11 @@ fn event_text(node: &Node, event: &Event) -> Option<String> {
                 }
                 ((PresenceMode::Subscribe { .. }, followed), true) => format!(
                     "* none of the {} you follow is online (/who all lists everyone online)",
-                    names(followed.len())
+                    counted(followed.len(), "name")
                 ),
                 ((PresenceMode::Subscribe { .. }, followed), false) => format!(
                     "* online among the {} you follow: {}",
-                    names(followed.len()),
+                    counted(followed.len(), "name"),
                     others.join(", ")
                 ),
             }

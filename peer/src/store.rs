@@ -947,14 +947,6 @@ impl Store {
             }
             None => {}
         }
-        let read = self.read();
-        // Open until the next commit (see the module docs).
-        let begin = || -> rusqlite::Result<()> {
-            if read.is_autocommit() {
-                read.execute_batch("BEGIN")?;
-            }
-            Ok(())
-        };
         // Ids start with their time, so a sender's new message is nearly
         // always newer than anything it sent before: then it cannot be a
         // copy, and the lookup is skipped.
@@ -962,13 +954,11 @@ impl Store {
         let before = match newest.get(&from_id) {
             Some(before) => *before,
             None => {
-                let max = || -> rusqlite::Result<Option<Vec<u8>>> {
-                    begin()?;
+                let max: Option<Vec<u8>> = self.in_read_tx(|read| {
                     read.prepare_cached("SELECT max(id) FROM received WHERE from_id = ?1")?
                         .query_row(params![&from_id.0[..]], |r| r.get(0))
-                };
-                let max = max().map_err(|e| self.err(e))?;
-                let before = max.and_then(|b| <[u8; 16]>::try_from(b).ok().map(MessageId));
+                })?;
+                let before = max.as_deref().and_then(MessageId::from_bytes);
                 if newest.len() >= NEWEST_SENDERS {
                     newest.clear();
                 }
@@ -982,14 +972,11 @@ impl Store {
             return Ok(Incoming::New);
         }
         drop(newest);
-        let lookup = || -> rusqlite::Result<Option<bool>> {
-            begin()?;
+        let shown: Option<bool> = self.in_read_tx(|read| {
             read.prepare_cached("SELECT shown FROM received WHERE from_id = ?1 AND id = ?2")?
                 .query_row(params![&from_id.0[..], &id.0[..]], |r| r.get(0))
                 .optional()
-        };
-        let shown = lookup().map_err(|e| self.err(e))?;
-        drop(read);
+        })?;
         if shown == Some(true) {
             return Ok(Incoming::Shown);
         }
@@ -998,6 +985,22 @@ impl Store {
             Some(_) => Incoming::NotShown,
             None => Incoming::New,
         })
+    }
+
+    /// Runs a query on the read connection, inside its read transaction,
+    /// which stays open until the next commit (see the module docs).
+    fn in_read_tx<T>(
+        &self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let read = self.read();
+        let run = || {
+            if read.is_autocommit() {
+                read.execute_batch("BEGIN")?;
+            }
+            query(&read)
+        };
+        run().map_err(|e| self.err(e))
     }
 
     /// Records an incoming message that is on the user's screen (its row,
