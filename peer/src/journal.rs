@@ -1,5 +1,5 @@
 //! `peer.journal`: the few records that must survive a crash the instant
-//! they happen, appended with one `write` each, ahead of the database.
+//! they happen, written ahead of the database.
 //!
 //! `peer.db` is written in group commits ([`crate::store`]), a few
 //! milliseconds behind. Two facts cannot wait that long:
@@ -8,22 +8,33 @@
 //! - a message the user was just shown (`Shown`): otherwise a crash before
 //!   its acknowledgement left would show it again when the sender resends.
 //!
-//! Each is appended here (a length-prefixed postcard record; in the page
-//! cache once `write` returns, so a killed process loses nothing) and then
-//! written to `peer.db` as usual. At start, the records are applied to the
-//! database again (idempotent) and the file is emptied; while running it is
-//! emptied whenever every record in it is committed. Another peer process on
-//! the same data directory (for the moment until the tracker replaces one
-//! of them) may append here too: then the file is applied whole to the
-//! database before it is emptied ([`Journal::reconcile`]).
+//! Each is copied into a memory-mapped file (a length-prefixed postcard
+//! record, the length written last) and then written to `peer.db` as usual.
+//! The mapping is shared with the page cache, so once the copy is done the
+//! record outlives a killed process exactly as a `write` would, without a
+//! system call per record (two per round trip were a tenth of the direct
+//! round trip: docs/benchmarks.md, finding 12). At start the records are
+//! applied to the database again (idempotent) and the file is emptied;
+//! while running it is emptied whenever every record in it is committed.
+//!
+//! Each process journals in a file of its own, held with an exclusive
+//! lock: `peer.journal`, or `peer.journal.1` … when another peer process
+//! on the same data directory (for the moment until the tracker replaces
+//! one of them) holds that one. A file whose lock can be taken belongs to
+//! no running process: its records are applied and it is emptied, at start
+//! and then at most every `JOURNAL_RECONCILE` ([`Journal::take_orphans`]).
 
 use std::{
-    fs::{File, OpenOptions},
-    io::{Read, Seek, SeekFrom, Write},
+    fs::{File, OpenOptions, TryLockError},
+    io::{ErrorKind, Read},
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{Ordering, compiler_fence},
+    },
 };
 
+use memmap2::MmapMut;
 use serde::{Deserialize, Serialize};
 use tincan_proto::{
     MessageId, Name, PeerId,
@@ -32,8 +43,20 @@ use tincan_proto::{
 use tracing::warn;
 
 /// The journal is emptied once all its records are committed and it has
-/// grown past this (not after every commit: one syscall saved per commit).
-pub const JOURNAL_TRUNCATE: u64 = 64 * 1024;
+/// grown past this (not after every commit: its bytes are zeroed then).
+pub const JOURNAL_TRUNCATE: usize = 64 * 1024;
+/// Bytes mapped at start; doubled (up to [`JOURNAL_MAX`]) when a record does
+/// not fit. The file is sparse: only what records touched takes disk space.
+pub const JOURNAL_MAP: usize = 1024 * 1024;
+/// Most bytes of records whose rows are not committed yet: past this the
+/// database is not keeping up, and a new record is refused (the send fails).
+pub const JOURNAL_MAX: usize = 256 * 1024 * 1024;
+/// Peer processes that can journal on one data directory at once, a file
+/// each.
+pub const JOURNAL_SLOTS: usize = 8;
+
+/// Bytes of a record's length prefix.
+const LENGTH: usize = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
@@ -57,41 +80,74 @@ pub enum Record {
 }
 
 pub struct Journal {
-    path: PathBuf,
+    /// `peer.journal`; the other slots are named after it.
+    base: PathBuf,
+    /// The slot this process holds.
+    slot: usize,
     state: Mutex<State>,
 }
 
 struct State {
+    /// Locked for as long as this journal lives.
     file: File,
-    len: u64,
+    map: MmapMut,
+    /// Bytes of records in `map`; everything after is zero.
+    len: usize,
     /// Records appended since the file was last emptied, and how many of
     /// them are committed to the database.
     appended: u64,
     committed: u64,
-    /// The file holds records another process appended.
-    foreign: bool,
+    /// Files of processes that ended without emptying theirs, whose records
+    /// [`Journal::open`] returned: emptied by [`Journal::clear`].
+    orphans: Vec<File>,
 }
 
 impl Journal {
-    /// Opens (creating) the journal and returns the records it holds, up
-    /// to the first incomplete one (a write cut short by a power loss).
-    pub fn open(path: &Path) -> std::io::Result<(Self, Vec<Record>)> {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let records = parse(&bytes, path);
+    /// Takes the first free journal file at `base` (`peer.journal`, then
+    /// `peer.journal.1` …) and returns the records it holds together with
+    /// those of every file no running process holds, each up to its first
+    /// incomplete record (a copy cut short by a power loss).
+    pub fn open(base: &Path) -> std::io::Result<(Self, Vec<Record>)> {
+        let mut own = None;
+        let mut records = Vec::new();
+        let mut orphans = Vec::new();
+        for slot in 0..JOURNAL_SLOTS {
+            let path = slot_path(base, slot);
+            let Some(file) = lock_slot(&path, own.is_none())? else {
+                continue;
+            };
+            let (found, end) = read_records(&file, &path)?;
+            if own.is_none() {
+                records.extend(found);
+                own = Some((slot, file, end));
+            } else if !found.is_empty() {
+                records.extend(found);
+                orphans.push(file);
+            }
+        }
+        let Some((slot, file, end)) = own else {
+            return Err(std::io::Error::other(format!(
+                "{JOURNAL_SLOTS} other peer processes are using this data directory"
+            )));
+        };
+        let on_disk = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+        let mut map = map(&file, on_disk.max(JOURNAL_MAP))?;
+        // Bytes after the last whole record (a torn one) are zeroed, so
+        // that records appended over them end where they should.
+        let tail = on_disk.min(map.len());
+        if end < tail {
+            map[end..tail].fill(0);
+        }
         let journal = Self {
-            path: path.to_path_buf(),
+            base: base.to_path_buf(),
+            slot,
             state: Mutex::new(State {
                 file,
-                len: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
+                map,
+                len: end,
                 appended: 0,
                 committed: 0,
-                foreign: false,
+                orphans,
             }),
         };
         Ok((journal, records))
@@ -106,12 +162,18 @@ impl Journal {
     pub fn append(&self, record: &Record) -> std::io::Result<()> {
         let body = encode(record).map_err(std::io::Error::other)?;
         let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
-        let mut frame = Vec::with_capacity(4 + body.len());
-        frame.extend_from_slice(&len.to_le_bytes());
-        frame.extend_from_slice(&body);
         let mut state = self.lock();
-        state.file.write_all(&frame)?;
-        state.len += u64::try_from(frame.len()).unwrap_or(u64::MAX);
+        let at = state.len;
+        let end = at + LENGTH + body.len();
+        // One zero length after the record marks the end.
+        if end + LENGTH > state.map.len() {
+            state.grow(end + LENGTH)?;
+        }
+        state.map[at + LENGTH..end].copy_from_slice(&body);
+        // The length goes in last: a record counts once it is there whole.
+        compiler_fence(Ordering::SeqCst);
+        state.map[at..at + LENGTH].copy_from_slice(&len.to_le_bytes());
+        state.len = end;
         state.appended += 1;
         Ok(())
     }
@@ -125,77 +187,144 @@ impl Journal {
         }
     }
 
-    /// Empties the journal: everything in it is in the database (after
-    /// start-up replay, or when the store closes).
+    /// Empties the journal, and the files of ended processes that
+    /// [`Journal::open`] returned the records of: everything in them is in
+    /// the database (after start-up replay, or when the store closes).
     pub fn clear(&self) {
-        self.lock().empty();
-    }
-
-    /// Whether another process appended records that are not known to be
-    /// in the database; [`Journal::reconcile`] applies them.
-    pub fn has_foreign(&self) -> bool {
-        self.lock().foreign
-    }
-
-    /// Hands every record in the file, whoever wrote it, to `apply` (which
-    /// writes them to the database, idempotently, and says whether that
-    /// was committed), then empties the file if nothing was appended
-    /// meanwhile. Appends wait until this returns.
-    pub fn reconcile(&self, apply: impl FnOnce(&[Record]) -> bool) -> std::io::Result<()> {
         let mut state = self.lock();
-        let mut bytes = Vec::new();
-        state.file.seek(SeekFrom::Start(0))?;
-        state.file.read_to_end(&mut bytes)?;
-        if !apply(&parse(&bytes, &self.path)) {
-            return Ok(());
-        }
-        // Everything in the file is in the database now, ours included.
-        state.len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-        state.foreign = false;
-        state.committed = state.appended;
         state.empty();
+        for orphan in state.orphans.drain(..) {
+            if let Err(e) = orphan.set_len(0) {
+                // Harmless: its records are applied again later.
+                warn!(error = %e, "cannot empty another process's journal");
+            }
+        }
+    }
+
+    /// Hands the records of each journal file that no running process
+    /// holds to `apply` (which writes them to the database, idempotently,
+    /// and says whether that was committed), and empties the files applied.
+    pub fn take_orphans(&self, mut apply: impl FnMut(&[Record]) -> bool) -> std::io::Result<()> {
+        for slot in (0..JOURNAL_SLOTS).filter(|slot| *slot != self.slot) {
+            let path = slot_path(&self.base, slot);
+            let Some(file) = lock_slot(&path, false)? else {
+                continue;
+            };
+            if file.metadata()?.len() == 0 {
+                continue;
+            }
+            let (records, _) = read_records(&file, &path)?;
+            if records.is_empty() || apply(&records) {
+                file.set_len(0)?;
+            }
+        }
         Ok(())
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // A journal left empty is cut to nothing, so that the next process
+        // has no file to read and `take_orphans` no bytes to look at.
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if state.len == 0 {
+            let _ = state.file.set_len(0);
+        }
     }
 }
 
 impl State {
     fn empty(&mut self) {
-        // Another peer process on this data directory (briefly: the one a
-        // new start replaces, until the tracker tells it so) appends here
-        // too, and its records may not be in the database yet. Then the
-        // file is left as it is, for the database thread to apply it whole
-        // first (`Journal::reconcile`).
-        match self.file.metadata() {
-            Ok(meta) if meta.len() != self.len => {
-                self.foreign = true;
-                return;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                warn!(error = %e, "cannot read the journal's size; not emptying it");
-                return;
-            }
-        }
-        if let Err(e) = self.file.set_len(0) {
-            // Harmless: its records are applied again at the next start.
-            warn!(error = %e, "cannot empty the journal");
-            return;
-        }
+        // The first length first: from then on the file reads as empty,
+        // whatever a crash leaves of the rest.
+        let len = self.len.min(self.map.len());
+        self.map[..LENGTH.min(len)].fill(0);
+        compiler_fence(Ordering::SeqCst);
+        self.map[..len].fill(0);
         self.len = 0;
         self.appended = 0;
         self.committed = 0;
     }
+
+    /// Maps at least `needed` bytes.
+    fn grow(&mut self, needed: usize) -> std::io::Result<()> {
+        if needed > JOURNAL_MAX {
+            return Err(std::io::Error::other(format!(
+                "more than {} MiB of records are not in the database yet",
+                JOURNAL_MAX >> 20
+            )));
+        }
+        let size = needed.max(self.map.len() * 2).min(JOURNAL_MAX);
+        self.map = map(&self.file, size)?;
+        Ok(())
+    }
 }
 
-fn parse(mut bytes: &[u8], path: &Path) -> Vec<Record> {
+/// `peer.journal` for slot 0, `peer.journal.<slot>` for the others.
+fn slot_path(base: &Path, slot: usize) -> PathBuf {
+    if slot == 0 {
+        return base.to_path_buf();
+    }
+    let mut name = base.as_os_str().to_owned();
+    name.push(format!(".{slot}"));
+    PathBuf::from(name)
+}
+
+/// Opens the journal file at `path` (creating it if `create`) and locks
+/// it; `None` when it does not exist or another process holds it.
+fn lock_slot(path: &Path, create: bool) -> std::io::Result<Option<File>> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Ok(None),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Extends `file` to `size` bytes (never shrinks it) and maps all of it.
+#[allow(unsafe_code)]
+fn map(file: &File, size: usize) -> std::io::Result<MmapMut> {
+    let size = u64::try_from(size).map_err(std::io::Error::other)?;
+    if file.metadata()?.len() < size {
+        file.set_len(size)?;
+    }
+    // SAFETY: the mapping is valid while the file is not cut shorter than
+    // it. The caller holds the file's exclusive lock for as long as the
+    // mapping lives, and tincan cuts a journal file only while holding that
+    // lock (at drop, after the mapping is gone; or as an orphan, which
+    // nobody maps). SQLite maps `peer.db` on the same terms.
+    unsafe { MmapMut::map_mut(file) }
+}
+
+/// The records in `file`, and the offset where the last whole one ends.
+fn read_records(mut file: &File, path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(parse(&bytes, path))
+}
+
+fn parse(bytes: &[u8], path: &Path) -> (Vec<Record>, usize) {
     let mut records = Vec::new();
-    while bytes.len() >= 4 {
-        let (head, rest) = bytes.split_at(4);
+    let mut at = 0;
+    while let Some(head) = bytes.get(at..at + LENGTH) {
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if rest.len() < len {
+        // A zero length is the end; so is a record cut short.
+        let Some(body) = bytes
+            .get(at + LENGTH..at + LENGTH + len)
+            .filter(|_| len > 0)
+        else {
             break;
-        }
-        let (body, rest) = rest.split_at(len);
+        };
         match decode::<Record>(body) {
             Ok(record) => records.push(record),
             Err(e) => {
@@ -203,13 +332,15 @@ fn parse(mut bytes: &[u8], path: &Path) -> Vec<Record> {
                 break;
             }
         }
-        bytes = rest;
+        at += LENGTH + len;
     }
-    records
+    (records, at)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+
     use super::*;
 
     fn queued(n: u8) -> Record {
@@ -226,74 +357,104 @@ mod tests {
         Record::Queued {
             id: MessageId([1; 16]),
             to: Name::parse("bob").unwrap(),
-            body: "x".repeat(JOURNAL_TRUNCATE as usize),
+            body: "x".repeat(JOURNAL_TRUNCATE),
             sent_at_ms: 1,
         }
     }
 
-    #[test]
-    fn records_survive_reopening_in_order_and_a_torn_tail_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("peer.journal");
-        {
-            let (j, old) = Journal::open(&path).unwrap();
-            assert!(old.is_empty());
-            j.append(&queued(1)).unwrap();
-            j.append(&queued(2)).unwrap();
-        }
-        // A write cut short: a length with only part of its body.
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
-        let (_, records) = Journal::open(&path).unwrap();
-        assert_eq!(records, [queued(1), queued(2)]);
+    /// What a file holds, read as the next start would (without a lock).
+    fn on_disk(path: &Path) -> Vec<Record> {
+        parse(&std::fs::read(path).unwrap(), path).0
     }
 
     #[test]
-    fn what_another_process_appended_is_applied_before_it_is_emptied_away() {
+    fn records_survive_a_crash_in_order_and_a_torn_tail_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.journal");
+        let (j, old) = Journal::open(&path).unwrap();
+        assert!(old.is_empty());
+        j.append(&queued(1)).unwrap();
+        j.append(&queued(2)).unwrap();
+        // A process killed now: the records are in the file, as they were
+        // the moment `append` returned.
+        assert_eq!(on_disk(&path), [queued(1), queued(2)]);
+        let end = u64::try_from(j.lock().len).unwrap();
+        drop(j);
+        // A record cut short after them: a length with part of its body.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[200, 0, 0, 0, 1, 2, 3], end).unwrap();
+        let (j, records) = Journal::open(&path).unwrap();
+        assert_eq!(records, [queued(1), queued(2)]);
+        // What comes next is appended over the torn record, and read back.
+        j.append(&queued(3)).unwrap();
+        drop(j);
+        assert_eq!(
+            Journal::open(&path).unwrap().1,
+            [queued(1), queued(2), queued(3)]
+        );
+    }
+
+    #[test]
+    fn a_second_process_journals_in_its_own_file_and_what_a_dead_one_left_is_applied() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("peer.journal");
         let (ours, _) = Journal::open(&path).unwrap();
-        // A second process on the same data directory.
+        // A second process on the same data directory gets the next file.
         let (theirs, _) = Journal::open(&path).unwrap();
-        let big = big();
-        ours.append(&big).unwrap();
+        assert_eq!((ours.slot, theirs.slot), (0, 1));
+        ours.append(&big()).unwrap();
         theirs.append(&queued(2)).unwrap();
-        let kept = || Journal::open(&path).unwrap().1 == [big.clone(), queued(2)];
-        // All of ours is committed and past the size that empties it, and
-        // the store closing empties it: theirs is not committed, so both
-        // leave the file alone.
-        assert!(!ours.has_foreign());
+        // Ours is all committed: emptied, theirs untouched.
         ours.committed();
-        assert!(kept(), "emptied with another process's record in it");
-        ours.clear();
-        assert!(
-            kept(),
-            "emptied at close with another process's record in it"
-        );
-        assert!(ours.has_foreign());
-
-        // The database thread applies the whole file, then it is emptied.
+        assert!(on_disk(&path).is_empty());
+        assert_eq!(on_disk(&slot_path(&path, 1)), [queued(2)]);
+        // While it runs, its file is its own.
         let mut applied = Vec::new();
-        ours.reconcile(|records| {
-            applied = records.to_vec();
+        ours.take_orphans(|records| {
+            applied.extend_from_slice(records);
             true
         })
         .unwrap();
-        assert!(
-            applied == [big.clone(), queued(2)],
-            "not every record was applied"
-        );
-        assert!(!ours.has_foreign());
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
-        // A failed apply empties nothing.
-        theirs.append(&queued(3)).unwrap();
-        ours.clear();
-        ours.reconcile(|_| false).unwrap();
-        assert_eq!(Journal::open(&path).unwrap().1, [queued(3)]);
+        assert!(applied.is_empty(), "took a running process's records");
+
+        // It is killed: a failed apply empties nothing, a good one empties it.
+        drop(theirs);
+        ours.take_orphans(|_| false).unwrap();
+        assert_eq!(on_disk(&slot_path(&path, 1)), [queued(2)]);
+        ours.take_orphans(|records| {
+            applied.extend_from_slice(records);
+            true
+        })
+        .unwrap();
+        assert_eq!(applied, [queued(2)]);
+        assert!(on_disk(&slot_path(&path, 1)).is_empty());
     }
 
     #[test]
-    fn emptied_once_every_record_is_committed() {
+    fn a_start_returns_what_every_ended_process_left_and_clears_it_once_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.journal");
+        let (a, _) = Journal::open(&path).unwrap();
+        let (b, _) = Journal::open(&path).unwrap();
+        a.append(&queued(1)).unwrap();
+        b.append(&queued(2)).unwrap();
+        drop((a, b));
+        let (j, records) = Journal::open(&path).unwrap();
+        assert_eq!(records, [queued(1), queued(2)]);
+        // Until `clear`, the ended process's file stays held: another start
+        // neither takes it as its own nor returns its records again.
+        let (other, again) = Journal::open(&path).unwrap();
+        assert_eq!((other.slot, again.len()), (2, 0));
+        drop(other);
+        j.clear();
+        assert!(on_disk(&path).is_empty());
+        assert!(on_disk(&slot_path(&path, 1)).is_empty());
+        drop(j);
+        assert!(Journal::open(&path).unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn emptied_once_every_record_is_committed_and_cut_to_nothing_at_a_clean_end() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("peer.journal");
         let (j, _) = Journal::open(&path).unwrap();
@@ -302,11 +463,28 @@ mod tests {
         j.append(&queued(2)).unwrap();
         j.committed();
         // One record is not committed yet: kept.
-        assert!(std::fs::metadata(&path).unwrap().len() > JOURNAL_TRUNCATE);
+        assert_eq!(on_disk(&path), [big, queued(2)]);
         j.committed();
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        assert!(on_disk(&path).is_empty());
         j.append(&queued(3)).unwrap();
+        j.committed();
+        // Small: not emptied yet; a clean end (the store closing) does.
+        assert_eq!(on_disk(&path), [queued(3)]);
+        j.clear();
         drop(j);
-        assert_eq!(Journal::open(&path).unwrap().1, [queued(3)]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn the_map_grows_for_records_past_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.journal");
+        let (j, _) = Journal::open(&path).unwrap();
+        let n = JOURNAL_MAP / JOURNAL_TRUNCATE + 2;
+        for _ in 0..n {
+            j.append(&big()).unwrap();
+        }
+        assert!(j.lock().map.len() > JOURNAL_MAP);
+        assert_eq!(on_disk(&path).len(), n);
     }
 }

@@ -65,9 +65,10 @@ pub const STORE_BATCH: usize = 1024;
 /// RTT's p99 was ~1 ms instead of ~0.3 ms (benchmarks.md, finding 7; most
 /// likely WAL checkpoints and journal truncations, not profiled).
 pub const STORE_LINGER: Duration = Duration::from_millis(50);
-/// While another process appends to `peer.journal` (see
-/// [`Journal::reconcile`]), the whole file is applied to the database at
-/// most this often.
+/// How often the database thread looks for journal files that no running
+/// process holds (one left by a process that was killed while another ran
+/// on the same data directory; see [`Journal::take_orphans`]) and applies
+/// them.
 pub const JOURNAL_RECONCILE: Duration = Duration::from_secs(1);
 /// Senders whose newest received id is kept in memory (the dedupe rule's
 /// shortcut); past this the memory is cleared and filled again as they write.
@@ -575,11 +576,11 @@ fn run_writer(
         for done in after.drain(..) {
             done(ok);
         }
-        // Another process on this data directory wrote to the journal:
-        // its records go to the database before the file is emptied.
-        if journal.has_foreign() && reconciled.is_none_or(|at| at.elapsed() >= JOURNAL_RECONCILE) {
+        // Another process on this data directory ended without emptying
+        // its journal: its records go to the database, then it is emptied.
+        if reconciled.is_none_or(|at| at.elapsed() >= JOURNAL_RECONCILE) {
             reconciled = Some(Instant::now());
-            let result = journal.reconcile(|records| match replay(&db, records) {
+            let result = journal.take_orphans(|records| match replay(&db, records) {
                 Ok(()) => true,
                 Err(e) => {
                     warn!(path, error = %e, "cannot apply the journal to the database");
@@ -1385,6 +1386,7 @@ mod tests {
         // The resend of the shown message is recognised: not shown again.
         assert!(matches!(s.receive(alice, id).unwrap(), Incoming::Shown));
         s.close().await;
+        drop(s);
         assert_eq!(
             std::fs::metadata(dir.path().join("peer.journal"))
                 .unwrap()
@@ -1396,39 +1398,60 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_second_process_on_the_same_directory_loses_no_journal_record() {
+    async fn what_a_second_process_on_the_same_directory_journaled_before_it_was_killed_is_applied()
+    {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("peer.db");
         let first = open(&dir);
-        // A second process started on the same directory (until the
-        // tracker replaces the first); its writes wait long for a commit.
-        let second = Store::open(&path, Duration::from_secs(600)).unwrap();
+        // A second process started on the same directory (until the tracker
+        // replaces one of them) journals a message in its own file, and is
+        // killed before its commit.
         let typed = MessageId([2; 16]);
-        second
-            .queue(typed, &name("bob"), "typed in the second window", 2)
-            .unwrap();
-        // The first fills its share of the journal past the size that
-        // empties it, commits, and closes.
-        let big = "x".repeat(crate::journal::JOURNAL_TRUNCATE as usize);
-        first
-            .queue(MessageId([1; 16]), &name("bob"), &big, 1)
-            .unwrap();
-        first.outbox().await.unwrap();
+        {
+            let (second, _) = Journal::open(&dir.path().join("peer.journal")).unwrap();
+            second
+                .append(&Record::Queued {
+                    id: typed,
+                    to: name("bob"),
+                    body: "typed in the second window".into(),
+                    sent_at_ms: 2,
+                })
+                .unwrap();
+        }
+        // The first one's database thread applies it at a commit, at most
+        // JOURNAL_RECONCILE after the last look.
+        let body = || -> Option<String> {
+            first
+                .read()
+                .query_row(
+                    "SELECT body FROM sent WHERE id = ?1",
+                    params![&typed.0[..]],
+                    |row| row.get(0),
+                )
+                .optional()
+                .unwrap()
+        };
+        let until = Instant::now() + 5 * JOURNAL_RECONCILE;
+        while body().is_none() {
+            assert!(
+                Instant::now() < until,
+                "the killed process's journal was not applied within {:?}",
+                5 * JOURNAL_RECONCILE
+            );
+            first.outbox().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(body().as_deref(), Some("typed in the second window"));
         first.close().await;
-        // Whatever becomes of the second process now (a crash before its
-        // commit), its message is in the database: read without replaying
-        // the journal.
-        let db = Connection::open(&path).unwrap();
-        let body: Option<String> = db
-            .query_row(
-                "SELECT body FROM sent WHERE id = ?1",
-                params![&typed.0[..]],
-                |row| row.get(0),
-            )
-            .optional()
-            .unwrap();
-        assert_eq!(body.as_deref(), Some("typed in the second window"));
-        drop(second);
+        drop(first);
+        // And it is not applied again: its file was emptied.
+        let outbox = open(&dir).outbox().await.unwrap();
+        assert_eq!(outbox.len(), 1);
+        assert!(
+            std::fs::metadata(dir.path().join("peer.journal.1"))
+                .unwrap()
+                .len()
+                == 0
+        );
     }
 
     #[tokio::test]
