@@ -37,8 +37,8 @@ use std::{
 use memmap2::MmapMut;
 use serde::{Deserialize, Serialize};
 use tincan_proto::{
-    MessageId, Name, PeerId,
-    codec::{decode, encode},
+    MAX_FRAME_LEN, MessageId, Name, PeerId,
+    codec::{decode, encode_to_slice},
 };
 use tracing::warn;
 
@@ -57,6 +57,8 @@ pub const JOURNAL_SLOTS: usize = 8;
 
 /// Bytes of a record's length prefix.
 const LENGTH: usize = 4;
+/// The largest record: a message body and its few fields fit in a frame.
+const MAX_RECORD: usize = MAX_FRAME_LEN;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
@@ -160,20 +162,27 @@ impl Journal {
     /// Appends one record; it survives a crash of this process once this
     /// returns.
     pub fn append(&self, record: &Record) -> std::io::Result<()> {
-        let body = encode(record).map_err(std::io::Error::other)?;
-        let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
         let mut state = self.lock();
         let at = state.len;
-        let end = at + LENGTH + body.len();
-        // One zero length after the record marks the end.
-        if end + LENGTH > state.map.len() {
-            state.grow(end + LENGTH)?;
+        // Room for the largest record, and the zero length after it that
+        // marks the end.
+        let room = at + LENGTH + MAX_RECORD;
+        if room + LENGTH > state.map.len() {
+            state.grow(room + LENGTH)?;
         }
-        state.map[at + LENGTH..end].copy_from_slice(&body);
+        // Serialized in place: no allocation.
+        let len = match encode_to_slice(record, &mut state.map[at + LENGTH..room]) {
+            Ok(len) => len,
+            Err(e) => {
+                state.map[at + LENGTH..room].fill(0);
+                return Err(std::io::Error::other(e));
+            }
+        };
+        let prefix = u32::try_from(len).map_err(std::io::Error::other)?;
         // The length goes in last: a record counts once it is there whole.
         compiler_fence(Ordering::SeqCst);
-        state.map[at..at + LENGTH].copy_from_slice(&len.to_le_bytes());
-        state.len = end;
+        state.map[at..at + LENGTH].copy_from_slice(&prefix.to_le_bytes());
+        state.len = at + LENGTH + len;
         state.appended += 1;
         Ok(())
     }
@@ -473,6 +482,23 @@ mod tests {
         j.clear();
         drop(j);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_record_too_large_is_refused_and_leaves_the_journal_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.journal");
+        let (j, _) = Journal::open(&path).unwrap();
+        j.append(&queued(1)).unwrap();
+        let huge = Record::Queued {
+            id: MessageId([9; 16]),
+            to: Name::parse("bob").unwrap(),
+            body: "x".repeat(MAX_RECORD),
+            sent_at_ms: 9,
+        };
+        assert!(j.append(&huge).is_err());
+        j.append(&queued(2)).unwrap();
+        assert_eq!(on_disk(&path), [queued(1), queued(2)]);
     }
 
     #[test]

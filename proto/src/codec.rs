@@ -45,6 +45,13 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Bytes, FrameError> {
     Ok(Bytes::from(bytes))
 }
 
+/// Serializes one value into the start of `buf`, without allocating;
+/// returns the bytes written. A value that does not fit is an error (and
+/// leaves what it wrote of itself in `buf`).
+pub fn encode_to_slice<T: Serialize>(value: &T, buf: &mut [u8]) -> Result<usize, FrameError> {
+    Ok(postcard::to_slice(value, buf)?.len())
+}
+
 /// Parses one frame body; the whole body must be exactly one value.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     let (value, rest) = postcard::take_from_bytes(body)?;
