@@ -27,6 +27,7 @@
 use std::{
     fs::{File, OpenOptions, TryLockError},
     io::{ErrorKind, Read},
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{
         Mutex, MutexGuard,
@@ -46,7 +47,8 @@ use tracing::warn;
 /// grown past this (not after every commit: its bytes are zeroed then).
 pub const JOURNAL_TRUNCATE: usize = 64 * 1024;
 /// Bytes mapped at start; doubled (up to [`JOURNAL_MAX`]) when a record does
-/// not fit. The file is sparse: only what records touched takes disk space.
+/// not fit. Written as zeros first (not sparse), so a full disk is an error
+/// when the file is extended, never a SIGBUS when a record is copied in.
 pub const JOURNAL_MAP: usize = 1024 * 1024;
 /// Most bytes of records whose rows are not committed yet: past this the
 /// database is not keeping up, and a new record is refused (the send fails).
@@ -59,6 +61,8 @@ pub const JOURNAL_SLOTS: usize = 8;
 const LENGTH: usize = 4;
 /// The largest record: a message body and its few fields fit in a frame.
 const MAX_RECORD: usize = MAX_FRAME_LEN;
+/// The file is extended by writing zeros, this many bytes per write.
+const ZERO_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
@@ -304,14 +308,21 @@ fn lock_slot(path: &Path, create: bool) -> std::io::Result<Option<File>> {
 #[allow(unsafe_code)]
 fn map(file: &File, size: usize) -> std::io::Result<MmapMut> {
     let size = u64::try_from(size).map_err(std::io::Error::other)?;
-    if file.metadata()?.len() < size {
-        file.set_len(size)?;
+    // Zeros written, not a sparse extension: the blocks are the file's from
+    // now on, so that a full disk is an error here (the send fails) rather
+    // than a SIGBUS when a record is copied into a page with no block.
+    let mut at = file.metadata()?.len();
+    let zeros = vec![0u8; ZERO_CHUNK];
+    while at < size {
+        let n = usize::try_from(size - at).map_or(ZERO_CHUNK, |left| left.min(ZERO_CHUNK));
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
     }
     // SAFETY: the mapping is valid while the file is not cut shorter than
     // it. The caller holds the file's exclusive lock for as long as the
     // mapping lives, and tincan cuts a journal file only while holding that
-    // lock (at drop, after the mapping is gone; or as an orphan, which
-    // nobody maps). SQLite maps `peer.db` on the same terms.
+    // lock: at drop, when the mapping is not used any more, or as an orphan,
+    // which nobody maps. SQLite maps `peer.db` on the same terms.
     unsafe { MmapMut::map_mut(file) }
 }
 
@@ -348,7 +359,7 @@ fn parse(bytes: &[u8], path: &Path) -> (Vec<Record>, usize) {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::MetadataExt;
 
     use super::*;
 
@@ -499,6 +510,23 @@ mod tests {
         assert!(j.append(&huge).is_err());
         j.append(&queued(2)).unwrap();
         assert_eq!(on_disk(&path), [queued(1), queued(2)]);
+    }
+
+    #[test]
+    fn the_file_has_its_blocks_so_a_full_disk_is_an_error_and_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.journal");
+        let (j, _) = Journal::open(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(meta.len() >= JOURNAL_MAP as u64);
+        // Not sparse: every byte mapped has a block on disk.
+        assert!(
+            meta.blocks() * 512 >= meta.len(),
+            "{} of {} bytes allocated",
+            meta.blocks() * 512,
+            meta.len()
+        );
+        drop(j);
     }
 
     #[test]
