@@ -560,7 +560,7 @@ fn run_writer(
     path: String,
 ) {
     let mut after: Vec<AfterCommit> = Vec::new();
-    let mut reconciled: Option<Instant> = None;
+    let mut orphans_checked: Option<Instant> = None;
     while let Some(batch) = jobs.next_batch() {
         let began = db.execute_batch("BEGIN");
         for job in batch {
@@ -578,8 +578,8 @@ fn run_writer(
         }
         // Another process on this data directory ended without emptying
         // its journal: its records go to the database, then it is emptied.
-        if reconciled.is_none_or(|at| at.elapsed() >= JOURNAL_RECONCILE) {
-            reconciled = Some(Instant::now());
+        if orphans_checked.is_none_or(|at| at.elapsed() >= JOURNAL_RECONCILE) {
+            orphans_checked = Some(Instant::now());
             let result = journal.take_orphans(|records| match replay(&db, records) {
                 Ok(()) => true,
                 Err(e) => {
