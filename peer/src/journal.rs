@@ -27,6 +27,7 @@
 use std::{
     fs::{File, OpenOptions, TryLockError},
     io::{ErrorKind, Read},
+    ops::Range,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
     sync::{
@@ -96,8 +97,8 @@ pub struct Journal {
 struct State {
     /// Locked for as long as this journal lives.
     file: File,
-    map: MmapMut,
-    /// Bytes of records in `map`; everything after is zero.
+    pages: Pages,
+    /// Bytes of records in the file; everything after is zero.
     len: usize,
     /// Records appended since the file was last emptied, and how many of
     /// them are committed to the database.
@@ -137,19 +138,19 @@ impl Journal {
             )));
         };
         let on_disk = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
-        let mut map = map(&file, on_disk.max(JOURNAL_MAP))?;
+        let mut pages = Pages::new(&file, on_disk.max(JOURNAL_MAP))?;
         // Bytes after the last whole record (a torn one) are zeroed, so
         // that records appended over them end where they should.
-        let tail = on_disk.min(map.len());
+        let tail = on_disk.min(pages.size());
         if end < tail {
-            map[end..tail].fill(0);
+            pages.zero(&file, end..tail)?;
         }
         let journal = Self {
             base: base.to_path_buf(),
             slot,
             state: Mutex::new(State {
                 file,
-                map,
+                pages,
                 len: end,
                 appended: 0,
                 committed: 0,
@@ -167,26 +168,22 @@ impl Journal {
     /// returns.
     pub fn append(&self, record: &Record) -> std::io::Result<()> {
         let mut state = self.lock();
-        let at = state.len;
+        let State {
+            file, pages, len, ..
+        } = &mut *state;
+        let at = *len;
         // Room for the largest record, and the zero length after it that
         // marks the end.
         let room = at + LENGTH + MAX_RECORD;
-        if room + LENGTH > state.map.len() {
-            state.grow(room + LENGTH)?;
+        if room + LENGTH > pages.size() {
+            pages.grow(file, room + LENGTH)?;
         }
-        // Serialized in place: no allocation.
-        let len = match encode_to_slice(record, &mut state.map[at + LENGTH..room]) {
-            Ok(len) => len,
-            Err(e) => {
-                state.map[at + LENGTH..room].fill(0);
-                return Err(std::io::Error::other(e));
-            }
-        };
-        let prefix = u32::try_from(len).map_err(std::io::Error::other)?;
+        let body = pages.put(file, at + LENGTH..room, record)?;
+        let prefix = u32::try_from(body).map_err(std::io::Error::other)?;
         // The length goes in last: a record counts once it is there whole.
         compiler_fence(Ordering::SeqCst);
-        state.map[at..at + LENGTH].copy_from_slice(&prefix.to_le_bytes());
-        state.len = at + LENGTH + len;
+        pages.write(file, at, &prefix.to_le_bytes())?;
+        state.len = at + LENGTH + body;
         state.appended += 1;
         Ok(())
     }
@@ -250,26 +247,134 @@ impl State {
     fn empty(&mut self) {
         // The first length first: from then on the file reads as empty,
         // whatever a crash leaves of the rest.
-        let len = self.len.min(self.map.len());
-        self.map[..LENGTH.min(len)].fill(0);
-        compiler_fence(Ordering::SeqCst);
-        self.map[..len].fill(0);
+        let len = self.len.min(self.pages.size());
+        let zeroed = self
+            .pages
+            .zero(&self.file, 0..LENGTH.min(len))
+            .and_then(|()| {
+                compiler_fence(Ordering::SeqCst);
+                self.pages.zero(&self.file, 0..len)
+            });
+        if let Err(e) = zeroed {
+            // Harmless: its records are applied again at the next start.
+            warn!(error = %e, "cannot empty the journal");
+            return;
+        }
         self.len = 0;
         self.appended = 0;
         self.committed = 0;
     }
+}
 
-    /// Maps at least `needed` bytes.
-    fn grow(&mut self, needed: usize) -> std::io::Result<()> {
+#[cfg(test)]
+thread_local! {
+    /// Tests set it to open journals as on a file system that cannot map.
+    static NO_MAP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Where records are written: a shared mapping of the file (no system call
+/// per record), or, on a file system that cannot map it, the file itself
+/// with `pwrite`. The bytes in the file are the same either way.
+enum Pages {
+    Mapped(MmapMut),
+    Written {
+        size: usize,
+        /// A record is serialized here, then written.
+        scratch: Vec<u8>,
+    },
+}
+
+impl Pages {
+    /// Extends `file` to `size` bytes and maps it, or falls back to writing.
+    fn new(file: &File, size: usize) -> std::io::Result<Self> {
+        let size = extend(file, size)?;
+        #[cfg(test)]
+        if NO_MAP.get() {
+            return Ok(Self::Written {
+                size,
+                scratch: Vec::new(),
+            });
+        }
+        match map(file) {
+            Ok(map) => Ok(Self::Mapped(map)),
+            Err(e) => {
+                warn!(error = %e, "cannot map the journal; writing it record by record instead");
+                Ok(Self::Written {
+                    size,
+                    scratch: Vec::new(),
+                })
+            }
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Self::Mapped(map) => map.len(),
+            Self::Written { size, .. } => *size,
+        }
+    }
+
+    /// Makes room for at least `needed` bytes.
+    fn grow(&mut self, file: &File, needed: usize) -> std::io::Result<()> {
         if needed > JOURNAL_MAX {
             return Err(std::io::Error::other(format!(
                 "more than {} MiB of records are not in the database yet",
                 JOURNAL_MAX >> 20
             )));
         }
-        let size = needed.max(self.map.len() * 2).min(JOURNAL_MAX);
-        self.map = map(&self.file, size)?;
+        let size = extend(file, needed.max(self.size() * 2).min(JOURNAL_MAX))?;
+        match self {
+            Self::Mapped(old) => *old = map(file)?,
+            Self::Written { size: old, .. } => *old = size,
+        }
         Ok(())
+    }
+
+    /// Serializes `record` at the start of `room`; returns its length. One
+    /// that does not fit is refused, and what it wrote of itself zeroed.
+    fn put(&mut self, file: &File, room: Range<usize>, record: &Record) -> std::io::Result<usize> {
+        let written = match self {
+            // In place: no allocation, no copy.
+            Self::Mapped(map) => encode_to_slice(record, &mut map[room.clone()]),
+            Self::Written { scratch, .. } => {
+                scratch.resize(room.len(), 0);
+                encode_to_slice(record, scratch).inspect(|len| scratch.truncate(*len))
+            }
+        };
+        match written {
+            Ok(len) => {
+                if let Self::Written { scratch, .. } = self {
+                    file.write_all_at(scratch, room.start as u64)?;
+                }
+                Ok(len)
+            }
+            Err(e) => {
+                if let Self::Mapped(map) = self {
+                    map[room].fill(0);
+                }
+                Err(std::io::Error::other(e))
+            }
+        }
+    }
+
+    fn write(&mut self, file: &File, at: usize, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Mapped(map) => {
+                map[at..at + bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            }
+            Self::Written { .. } => file.write_all_at(bytes, at as u64),
+        }
+    }
+
+    fn zero(&mut self, file: &File, range: Range<usize>) -> std::io::Result<()> {
+        match self {
+            Self::Mapped(map) => {
+                map[range].fill(0);
+                Ok(())
+            }
+            Self::Written { .. } => write_zeros(file, range.start as u64, range.end as u64),
+        }
     }
 }
 
@@ -304,20 +409,32 @@ fn lock_slot(path: &Path, create: bool) -> std::io::Result<Option<File>> {
     }
 }
 
-/// Extends `file` to `size` bytes (never shrinks it) and maps all of it.
-#[allow(unsafe_code)]
-fn map(file: &File, size: usize) -> std::io::Result<MmapMut> {
+/// Extends `file` to at least `size` bytes (never shrinks it); returns its
+/// size. Zeros are written, not a sparse extension: the blocks are the
+/// file's from now on, so that a full disk is an error here (the send
+/// fails) rather than a SIGBUS when a record is copied into a page with no
+/// block.
+fn extend(file: &File, size: usize) -> std::io::Result<usize> {
     let size = u64::try_from(size).map_err(std::io::Error::other)?;
-    // Zeros written, not a sparse extension: the blocks are the file's from
-    // now on, so that a full disk is an error here (the send fails) rather
-    // than a SIGBUS when a record is copied into a page with no block.
-    let mut at = file.metadata()?.len();
+    let on_disk = file.metadata()?.len();
+    write_zeros(file, on_disk, size)?;
+    usize::try_from(size.max(on_disk)).map_err(std::io::Error::other)
+}
+
+/// Writes zeros over `from..to` of `file`.
+fn write_zeros(file: &File, mut from: u64, to: u64) -> std::io::Result<()> {
     let zeros = vec![0u8; ZERO_CHUNK];
-    while at < size {
-        let n = usize::try_from(size - at).map_or(ZERO_CHUNK, |left| left.min(ZERO_CHUNK));
-        file.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
+    while from < to {
+        let n = usize::try_from(to - from).map_or(ZERO_CHUNK, |left| left.min(ZERO_CHUNK));
+        file.write_all_at(&zeros[..n], from)?;
+        from += n as u64;
     }
+    Ok(())
+}
+
+/// Maps all of `file`.
+#[allow(unsafe_code)]
+fn map(file: &File) -> std::io::Result<MmapMut> {
     // SAFETY: the mapping is valid while the file is not cut shorter than
     // it. The caller holds the file's exclusive lock for as long as the
     // mapping lives, and tincan cuts a journal file only while holding that
@@ -534,11 +651,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("peer.journal");
         let (j, _) = Journal::open(&path).unwrap();
+        assert!(matches!(j.lock().pages, Pages::Mapped(_)));
         let n = JOURNAL_MAP / JOURNAL_TRUNCATE + 2;
         for _ in 0..n {
             j.append(&big()).unwrap();
         }
-        assert!(j.lock().map.len() > JOURNAL_MAP);
+        assert!(j.lock().pages.size() > JOURNAL_MAP);
         assert_eq!(on_disk(&path).len(), n);
+    }
+
+    #[test]
+    fn where_the_file_cannot_be_mapped_the_same_records_are_written_with_pwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.journal");
+        NO_MAP.set(true);
+        let (j, _) = Journal::open(&path).unwrap();
+        assert!(matches!(j.lock().pages, Pages::Written { .. }));
+        let big = big();
+        j.append(&big).unwrap();
+        j.append(&queued(2)).unwrap();
+        assert_eq!(on_disk(&path), [big.clone(), queued(2)]);
+        // Emptied once all committed, then appended to from the start.
+        j.committed();
+        j.committed();
+        assert!(on_disk(&path).is_empty());
+        j.append(&queued(3)).unwrap();
+        // It grows too.
+        let n = JOURNAL_MAP / JOURNAL_TRUNCATE + 2;
+        for _ in 0..n {
+            j.append(&big).unwrap();
+        }
+        assert!(j.lock().pages.size() > JOURNAL_MAP);
+        drop(j);
+        // A mapped journal reads what the written one left.
+        NO_MAP.set(false);
+        let (_, records) = Journal::open(&path).unwrap();
+        assert_eq!(records.len(), n + 1);
+        assert_eq!(records[0], queued(3));
     }
 }
