@@ -333,26 +333,18 @@ impl Pages {
     /// Serializes `record` at the start of `room`; returns its length. One
     /// that does not fit is refused, and what it wrote of itself zeroed.
     fn put(&mut self, file: &File, room: Range<usize>, record: &Record) -> std::io::Result<usize> {
-        let written = match self {
+        match self {
             // In place: no allocation, no copy.
-            Self::Mapped(map) => encode_to_slice(record, &mut map[room.clone()]),
+            Self::Mapped(map) => encode_to_slice(record, &mut map[room.clone()]).map_err(|e| {
+                map[room].fill(0);
+                std::io::Error::other(e)
+            }),
             Self::Written { scratch, .. } => {
+                // Sized once: the room is always `MAX_RECORD`.
                 scratch.resize(room.len(), 0);
-                encode_to_slice(record, scratch).inspect(|len| scratch.truncate(*len))
-            }
-        };
-        match written {
-            Ok(len) => {
-                if let Self::Written { scratch, .. } = self {
-                    file.write_all_at(scratch, room.start as u64)?;
-                }
+                let len = encode_to_slice(record, scratch).map_err(std::io::Error::other)?;
+                file.write_all_at(&scratch[..len], room.start as u64)?;
                 Ok(len)
-            }
-            Err(e) => {
-                if let Self::Mapped(map) = self {
-                    map[room].fill(0);
-                }
-                Err(std::io::Error::other(e))
             }
         }
     }
