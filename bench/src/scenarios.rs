@@ -243,6 +243,37 @@ async fn interleaved_rtt(
     Ok((tin.into(), raw.into()))
 }
 
+/// What the two SQLite rows of a message cost alone (see
+/// [`tincan_peer::store::time_rows`]), and the rate of persisted messages
+/// they leave room for on this machine.
+struct StorageCeiling {
+    sent_us: f64,
+    received_us: f64,
+    /// Messages per second: each side's rows on a thread of their own, and
+    /// both within the machine's cores.
+    ceiling: f64,
+}
+
+async fn storage_ceiling(dir: &Path, messages: usize) -> Result<StorageCeiling, BenchError> {
+    let rows_dir = dir.join("storage-ceiling");
+    std::fs::create_dir_all(&rows_dir)?;
+    let (sent, received) = tokio::task::spawn_blocking(move || {
+        tincan_peer::store::time_rows(&rows_dir, messages, direct::TPUT_BODY)
+    })
+    .await
+    .map_err(|e| BenchError::Node(format!("storage ceiling: {e}")))?
+    .map_err(|e| BenchError::Node(format!("storage ceiling: {e}")))?;
+    let n = messages.max(1) as f64;
+    let (s, r) = (sent.as_secs_f64(), received.as_secs_f64());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let ceiling = (n / s.max(r)).min(cores * n / (s + r)).max(0.0);
+    Ok(StorageCeiling {
+        sent_us: s * 1e6 / n,
+        received_us: r * 1e6 / n,
+        ceiling: if ceiling.is_finite() { ceiling } else { 0.0 },
+    })
+}
+
 async fn direct_figures(opts: &Options, dir: &Path, report: &mut Report) -> Result<(), BenchError> {
     let (tracker, key) = start_tracker(opts, dir, "direct-tracker", 0, Presence::Broadcast).await?;
     let nodes = dir.join("nodes");
@@ -254,6 +285,7 @@ async fn direct_figures(opts: &Options, dir: &Path, report: &mut Report) -> Resu
     let tin_rate = pair.throughput(opts.tput_messages).await?;
     let direct_relayed = pair.relayed;
     let shown = pair.stop().await;
+    let rows = storage_ceiling(dir, opts.tput_messages).await?;
     // The same job over a relay circuit through the same tracker.
     let mut relay_pair =
         NodePair::start(tracker.addr, key, &nodes, ("carol", "dave"), true).await?;
@@ -327,6 +359,33 @@ async fn direct_figures(opts: &Options, dir: &Path, report: &mut Report) -> Resu
         target: Target::AtLeast(0.25),
         incomplete: false,
     });
+    let ceiling_ratio = rows.ceiling / raw_rate.max(f64::EPSILON);
+    report.row(
+        "storage ceiling msg/s",
+        format!("{:.0}", rows.ceiling),
+        format!("{raw_rate:.0}"),
+        format!("{ceiling_ratio:.3}"),
+    );
+    report.result("storage_sent_row_us", rows.sent_us);
+    report.result("storage_received_row_us", rows.received_us);
+    report.result("storage_ceiling_msgs", rows.ceiling);
+    report.result("storage_ceiling_ratio", ceiling_ratio);
+    report.note(format!(
+        "storage ceiling: the two SQLite rows of a delivered message alone ({} `sent` rows into \
+         one fresh database, {} `received` rows into another, {} per transaction, with the \
+         statements and settings of the nodes' database threads) took {:.2} + {:.2} µs per \
+         message on this machine; with each database thread on a core of its own and nothing \
+         else running, direct_throughput could be no more than {:.0} messages/s, {:.3} of raw \
+         quinn ({:.0}% of it reached)",
+        opts.tput_messages,
+        opts.tput_messages,
+        tincan_peer::store::STORE_BATCH,
+        rows.sent_us,
+        rows.received_us,
+        rows.ceiling,
+        ceiling_ratio,
+        100.0 * tin_rate / rows.ceiling.max(f64::EPSILON)
+    ));
 
     // relay_throughput: the same pipelined job, relayed, against direct.
     match relay_rate {

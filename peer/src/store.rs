@@ -50,6 +50,7 @@ use tracing::warn;
 
 use crate::{
     delivery::State,
+    event::Path as Carried,
     journal::{Journal, Record},
 };
 
@@ -558,6 +559,81 @@ fn replay(db: &Connection, records: &[Record]) -> rusqlite::Result<()> {
     db.execute_batch("COMMIT")
 }
 
+/// The writing connection to `path`, with the schema in place.
+fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
+    let db = Connection::open(path)?;
+    db.execute_batch(SCHEMA)?;
+    db.execute_batch(&format!(
+        "PRAGMA mmap_size = {MMAP_BYTES}; PRAGMA cache_size = -{CACHE_KIB};"
+    ))?;
+    db.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(db)
+}
+
+/// What the rows of `messages` delivered messages cost this machine's
+/// SQLite alone, for `tincan-bench`: a fresh sender database in `dir` gets
+/// their `sent` rows (written once, as delivered, as most are) and a fresh
+/// receiver database their `received` rows, [`STORE_BATCH`] per transaction,
+/// through the statements the database thread runs, with a `body` of
+/// `body_len` bytes. Returns the time each side took. The nodes do this and
+/// everything else besides, so a node's rate of persisted messages can be
+/// no higher than what these times allow.
+pub fn time_rows(
+    dir: &Path,
+    messages: usize,
+    body_len: usize,
+) -> Result<(Duration, Duration), StoreError> {
+    let body = "t".repeat(body_len);
+    let name = |n: &str| {
+        Name::parse(n).map_err(|e| StoreError {
+            path: dir.display().to_string(),
+            reason: e.to_string(),
+        })
+    };
+    let (to, from) = (name("bob")?, name("alice")?);
+    let from_id = PeerId([7; 32]);
+    let ids: Vec<MessageId> = (0..messages).map(|_| MessageId::generate()).collect();
+    let time = |file: &str, row: &dyn Fn(MessageId) -> Record| {
+        let path = dir.join(file);
+        let err = |e: rusqlite::Error| StoreError {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
+        let db = open_writer(&path).map_err(err)?;
+        let started = Instant::now();
+        for batch in ids.chunks(STORE_BATCH) {
+            db.execute_batch("BEGIN").map_err(err)?;
+            for &id in batch {
+                match row(id) {
+                    queued @ Record::Queued { .. } => {
+                        insert_sent(&db, &queued, &State::Delivered(Carried::Direct))
+                    }
+                    shown => apply(&db, &shown),
+                }
+                .map_err(err)?;
+            }
+            db.execute_batch("COMMIT").map_err(err)?;
+        }
+        Ok(started.elapsed())
+    };
+    let sender = time("sender.db", &|id| Record::Queued {
+        id,
+        to: to.clone(),
+        body: body.clone(),
+        sent_at_ms: now_ms(),
+    })?;
+    let receiver = time("receiver.db", &|id| Record::Shown {
+        from_id,
+        from: from.clone(),
+        id,
+        body: body.clone(),
+        sent_at_ms: now_ms(),
+        received_ms: now_ms(),
+        path: Carried::Direct.as_str().to_owned(),
+    })?;
+    Ok((sender, receiver))
+}
+
 /// The database thread: takes a batch of jobs (see [`Jobs`]), runs them
 /// in one transaction, commits, ends the read connection's transaction (its
 /// next read sees the commit), and only then tells the jobs' waiters.
@@ -613,13 +689,7 @@ impl Store {
             path: shown.clone(),
             reason: e.to_string(),
         };
-        let db = Connection::open(path).map_err(err)?;
-        db.execute_batch(SCHEMA).map_err(err)?;
-        db.execute_batch(&format!(
-            "PRAGMA mmap_size = {MMAP_BYTES}; PRAGMA cache_size = -{CACHE_KIB};"
-        ))
-        .map_err(err)?;
-        db.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        let db = open_writer(path).map_err(err)?;
         let (journal, records) =
             Journal::open(&path.with_extension("journal")).map_err(|e| StoreError {
                 path: shown.clone(),
@@ -1559,6 +1629,26 @@ mod tests {
         }
         let outbox: Vec<MessageId> = s.outbox().await.unwrap().iter().map(|p| p.id).collect();
         assert_eq!(outbox, ids[1000..]);
+    }
+
+    #[test]
+    fn the_timed_rows_are_the_rows_a_delivered_message_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sent, received) = time_rows(dir.path(), 2500, 100).unwrap();
+        assert!(sent > Duration::ZERO && received > Duration::ZERO);
+        let count = |file: &str, sql: &str| -> i64 {
+            Connection::open(dir.path().join(file))
+                .unwrap()
+                .query_row(sql, [], |r| r.get(0))
+                .unwrap()
+        };
+        let sent_rows = "SELECT count(*) FROM sent WHERE state = 'delivered' AND path = 'direct' AND length(body) = 100";
+        assert_eq!(count("sender.db", sent_rows), 2500);
+        let received_rows = "SELECT count(*) FROM received WHERE shown = 1 AND path = 'direct' AND length(body) = 100";
+        assert_eq!(count("receiver.db", received_rows), 2500);
+        // Delivered rows stay out of the outbox's index, as a node's do.
+        let open = Connection::open(dir.path().join("sender.db")).unwrap();
+        assert!(open_messages(&open).unwrap().is_empty());
     }
 
     #[tokio::test]
