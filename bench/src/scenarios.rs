@@ -545,6 +545,18 @@ async fn serve_swarm(
     })
 }
 
+/// Each round's rate of `runs` against `base`'s, for a note.
+fn per_round(runs: &[Served], base: &[Served]) -> String {
+    runs.iter()
+        .zip(base)
+        .map(|(t, b)| {
+            let (t, b) = (t.enrollment.rate(), b.enrollment.rate());
+            format!("{t:.0}/{b:.0} = {:.2}", t / b.max(f64::EPSILON))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Enrollments per second over all of `runs`.
 fn rate(runs: &[Served]) -> f64 {
     let enrolled: usize = runs.iter().map(|s| s.enrollment.enrolled).sum();
@@ -596,10 +608,11 @@ async fn serve_tracker(
     label: &str,
     ids: &[Identity],
     presence: Presence,
+    follows: bool,
     hold: bool,
 ) -> Result<Served, BenchError> {
     let (tracker, key) = start_tracker(opts, dir, label, ids.len(), presence).await?;
-    let target = swarm::Target::Tracker { key };
+    let target = swarm::Target::Tracker { key, follows };
     let configs = swarm::client_configs(ids, target)?;
     let served = serve_swarm(opts, &tracker, configs, target, presence, hold).await;
     tracker.stop().await;
@@ -625,17 +638,36 @@ async fn tracker_figures(
     // A tracker as big as this is run in subscribe mode (docs/operations.md).
     let presence = Presence::Subscribe;
     let rounds = opts.enroll_rounds.max(1);
-    let (mut bare_runs, mut tracker_runs) = (Vec::new(), Vec::new());
+    let (mut bare_runs, mut tracker_runs, mut quiet_runs) = (Vec::new(), Vec::new(), Vec::new());
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Bare,
+        Tracker,
+        /// The tracker with a swarm that follows nobody: no presence.
+        Quiet,
+    }
     for round in 0..rounds {
         // Memory and idle CPU are read in the first round only.
         let hold = round == 0;
-        let bare_first = round % 2 == 0;
-        for bare in [bare_first, !bare_first] {
-            if bare {
-                bare_runs.push(serve_bare(opts, dir, &ids, hold).await?);
-            } else {
-                let label = format!("enroll-tracker-{round}");
-                tracker_runs.push(serve_tracker(opts, dir, &label, &ids, presence, hold).await?);
+        // Mirrored every other round, so that a machine getting busier or
+        // quieter weighs on the three alike.
+        let mut order = [Kind::Bare, Kind::Tracker, Kind::Quiet];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for kind in order {
+            match kind {
+                Kind::Bare => bare_runs.push(serve_bare(opts, dir, &ids, hold).await?),
+                Kind::Tracker => {
+                    let label = format!("enroll-tracker-{round}");
+                    let served = serve_tracker(opts, dir, &label, &ids, presence, true, hold);
+                    tracker_runs.push(served.await?);
+                }
+                Kind::Quiet => {
+                    let label = format!("enroll-quiet-{round}");
+                    let served = serve_tracker(opts, dir, &label, &ids, presence, false, false);
+                    quiet_runs.push(served.await?);
+                }
             }
         }
     }
@@ -681,11 +713,23 @@ async fn tracker_figures(
     );
     report.result("tracker_enroll_per_s", tr);
     report.result("bare_handshake_per_s", br);
+    // The same tracker with nobody followed: what presence costs.
+    let qr = rate(&quiet_runs);
+    let quiet_ratio = qr / br.max(f64::EPSILON);
+    report.row(
+        "  without presence /s",
+        format!("{qr:.0}"),
+        format!("{br:.0}"),
+        format!("{quiet_ratio:.2}"),
+    );
+    report.result("tracker_enroll_no_presence_per_s", qr);
+    report.result("tracker_enroll_no_presence_ratio", quiet_ratio);
     // CPU per enrollment, server and load generator together: on a machine
     // both phases saturate, the rate ratio is the inverse of this ratio, and
     // it is less at the mercy of other work on the machine.
     for (key, runs) in [
         ("tracker_cpu_us_per_enroll", &tracker_runs),
+        ("tracker_no_presence_cpu_us_per_enroll", &quiet_runs),
         ("bare_cpu_us_per_enroll", &bare_runs),
     ] {
         let cpu: f64 = runs
@@ -696,25 +740,25 @@ async fn tracker_figures(
         report.result(key, cpu / enrolled.max(1) as f64 * 1e6);
     }
     report.note(format!(
-        "tracker_enroll: {rounds} round(s), each enrolling all {n} peers with the bare server and \
-         with a fresh tracker (order: bare, tracker, then tracker, bare, ...); each rate is all \
-         enrollments over all the time spent enrolling; per round, tracker/bare: {}",
-        tracker_runs
-            .iter()
-            .zip(&bare_runs)
-            .map(|(t, b)| format!(
-                "{:.0}/{:.0} = {:.2}",
-                t.enrollment.rate(),
-                b.enrollment.rate(),
-                t.enrollment.rate() / b.enrollment.rate().max(f64::EPSILON)
-            ))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "tracker_enroll: {rounds} round(s), each enrolling all {n} peers with the bare server, \
+         with a fresh tracker, and with a fresh tracker while the peers follow nobody (order: \
+         bare, tracker, no presence, then the reverse, ...); each rate is all enrollments over \
+         all the time spent enrolling; per round, tracker/bare: {}; without presence, \
+         tracker/bare: {} (over all rounds {quiet_ratio:.2}: the goal is taken with presence, \
+         which the bare server does not do)",
+        per_round(&tracker_runs, &bare_runs),
+        per_round(&quiet_runs, &bare_runs),
     ));
     let phases = tracker_runs
         .iter()
         .enumerate()
         .map(|(i, s)| (format!("tracker, round {}", i + 1), s))
+        .chain(
+            quiet_runs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("tracker without presence, round {}", i + 1), s)),
+        )
         .chain(
             bare_runs
                 .iter()
@@ -863,7 +907,7 @@ async fn presence_figures(
     for &n in &opts.presence_sizes {
         let (tracker, key) =
             start_tracker(opts, dir, &format!("presence-{n}"), n, presence).await?;
-        let target = swarm::Target::Tracker { key };
+        let target = swarm::Target::Tracker { key, follows: true };
         let configs = swarm::client_configs(&ids[..n], target)?;
         let phase = Phase::begin(&tracker)?;
         let (swarm, enrollment) = Swarm::enroll(

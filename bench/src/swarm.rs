@@ -56,8 +56,9 @@ pub const CONTACTS: usize = 8;
 #[derive(Debug, Clone, Copy)]
 pub enum Target {
     /// The real tracker, whose key the peers pin. In subscribe mode each
-    /// peer follows [`CONTACTS`] others.
-    Tracker { key: PeerId },
+    /// peer follows [`CONTACTS`] others, or nobody when `follows` is false
+    /// (then the tracker has no presence to send at all).
+    Tracker { key: PeerId, follows: bool },
     /// The bare quinn server.
     Bare,
 }
@@ -123,7 +124,7 @@ pub fn client_configs(
         .iter()
         .map(|id| {
             Ok(match target {
-                Target::Tracker { key } => {
+                Target::Tracker { key, .. } => {
                     quic::client_config(id, tincan_proto::ALPN_TRACKER, Some(key))?
                 }
                 Target::Bare => quic::client_config(id, quic::ALPN_BARE, None)?,
@@ -390,6 +391,9 @@ impl SimPeer {
 
     /// The names this peer follows in subscribe mode (see [`CONTACTS`]).
     fn contacts(&self) -> Result<Vec<Name>, BenchError> {
+        if let Target::Tracker { follows: false, .. } = self.target {
+            return Ok(Vec::new());
+        }
         contacts(self.index, self.swarm_size)
             .into_iter()
             .map(|j| Name::parse(&format!("p{j}")).map_err(|e| BenchError::Protocol(e.to_string())))
@@ -527,5 +531,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_swarm_that_follows_nobody_names_no_contacts_in_its_hello() {
+        let peer = |follows| SimPeer {
+            index: 0,
+            swarm_size: 100,
+            server: SocketAddr::from(([127, 0, 0, 1], 1)),
+            target: Target::Tracker {
+                key: PeerId([1; 32]),
+                follows,
+            },
+            counters: Arc::default(),
+            cancel: CancellationToken::new(),
+        };
+        let names = |p: SimPeer| -> Vec<String> {
+            let names = p.contacts().unwrap();
+            names.iter().map(|n| n.as_str().to_owned()).collect()
+        };
+        assert_eq!(
+            names(peer(true)),
+            ["p6", "p12", "p18", "p24", "p76", "p82", "p88", "p94"]
+        );
+        assert!(names(peer(false)).is_empty());
     }
 }
