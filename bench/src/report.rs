@@ -47,7 +47,7 @@ impl Goal {
 
     pub fn line(&self) -> String {
         let measured = match self.measured {
-            Some(v) => format!("{}{}", fmt_num(v), self.unit),
+            Some(v) => format!("{}{}", self.fmt_judged(v), self.unit),
             None => "n/a".into(),
         };
         let target = match self.target {
@@ -59,6 +59,29 @@ impl Goal {
             "GOAL {} measured={measured} target={target} {verdict}",
             self.name
         )
+    }
+
+    /// `v` as [`fmt_num`] prints it, with more decimals where fewer would
+    /// read as the other verdict: 1.2504 against "at most 1.25" is short,
+    /// and printed 1.2504, not 1.25.
+    fn fmt_judged(&self, v: f64) -> String {
+        let met = self.met();
+        let mut shown = fmt_num(v);
+        let mut decimals = shown.split('.').nth(1).map_or(0, str::len);
+        while decimals < 6 {
+            let read: f64 = shown.parse().unwrap_or(v);
+            let reads_met = match self.target {
+                Target::AtMost(t) => read <= t,
+                Target::AtLeast(t) => read >= t,
+                Target::Report => met,
+            };
+            if reads_met == met {
+                break;
+            }
+            decimals += 1;
+            shown = format!("{v:.decimals$}");
+        }
+        shown
     }
 }
 
@@ -196,6 +219,34 @@ mod tests {
         assert_eq!(
             g.line(),
             "GOAL relay_throughput measured=n/a target=0.5 short"
+        );
+    }
+
+    #[test]
+    fn a_value_that_rounds_onto_the_target_shows_the_digits_that_decide() {
+        let goal = |measured, target| Goal {
+            name: "g",
+            measured: Some(measured),
+            unit: "",
+            target,
+            incomplete: false,
+        };
+        let line = |measured, target| goal(measured, target).line();
+        assert_eq!(
+            line(1.2504, Target::AtMost(1.25)),
+            "GOAL g measured=1.2504 target=1.25 short"
+        );
+        assert_eq!(
+            line(1.2496, Target::AtMost(1.25)),
+            "GOAL g measured=1.25 target=1.25 met"
+        );
+        assert_eq!(
+            line(0.79996, Target::AtLeast(0.8)),
+            "GOAL g measured=0.79996 target=0.8 short"
+        );
+        assert_eq!(
+            line(0.8312, Target::AtLeast(0.8)),
+            "GOAL g measured=0.831 target=0.8 met"
         );
     }
 }
