@@ -134,26 +134,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // and its temporary directory removed.
     let report = tokio::select! {
         report = scenarios::run(&opts) => report?,
-        () = stop_signal() => bail!("stopped by a signal before the run ended"),
+        () = tincan_tracker::stop_signal() => bail!("stopped by a signal before the run ended"),
     };
     print!("{}", report.render());
     Ok(())
-}
-
-/// SIGINT (Ctrl-C) or SIGTERM.
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn bare_server(listen: SocketAddr) -> anyhow::Result<()> {
@@ -162,7 +146,7 @@ async fn bare_server(listen: SocketAddr) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     let run = tokio::spawn(server.run(shutdown));
-    stop_signal().await;
+    tincan_tracker::stop_signal().await;
     signal.cancel();
     run.await.context("bare server task")?;
     Ok(())

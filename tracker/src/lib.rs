@@ -207,6 +207,24 @@ impl Tracker {
     }
 }
 
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM (`kill`, a service manager
+/// stopping the process): how the tracker, and the benchmark that starts
+/// it, learn to stop.
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 /// The tracker's QUIC server settings for `alpn`: tincan's TLS with this
 /// identity and the tracker's transport limits. Public so that benchmarks
 /// can hold a bare quinn server to exactly the same settings.
