@@ -14,6 +14,14 @@ use tokio_util::sync::CancellationToken;
 
 /// Most simulated peers a run may ask for.
 const MAX_PEERS: usize = 100_000;
+/// Most enrollments in flight at once.
+const MAX_CONCURRENCY: u64 = 10_000;
+/// Most round trips direct_rtt may take (of each side).
+const MAX_RTT_MESSAGES: u64 = 1_000_000;
+/// Most messages direct_throughput may send.
+const MAX_TPUT_MESSAGES: u64 = 10_000_000;
+/// Longest enrollment deadline.
+const MAX_DEADLINE_SECS: u64 = 3_600;
 
 /// Measures tincan beside raw quinn in the same run and prints one
 /// `GOAL <name> measured=<value> target=<value> met|short` line per goal.
@@ -26,27 +34,28 @@ struct Args {
     /// Tiny sizes (200 peers, 500 messages): proves every figure works, no timing value.
     #[arg(long)]
     smoke: bool,
-    /// Enrollments in flight at once.
-    #[arg(long)]
-    concurrency: Option<usize>,
-    /// Messages for direct_rtt.
-    #[arg(long)]
-    rtt_messages: Option<usize>,
-    /// Messages for direct_throughput (tincan side).
-    #[arg(long)]
-    tput_messages: Option<usize>,
+    /// Enrollments in flight at once [default: 64].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_CONCURRENCY))]
+    concurrency: Option<u64>,
+    /// Messages for direct_rtt [default: 10000].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_RTT_MESSAGES))]
+    rtt_messages: Option<u64>,
+    /// Messages for direct_throughput (tincan side) [default: 20000].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_TPUT_MESSAGES))]
+    tput_messages: Option<u64>,
     /// Run only these groups of figures (comma-separated: direct, tracker, presence).
     #[arg(long, value_delimiter = ',')]
     only: Vec<Group>,
     /// Sizes for presence_scaling (comma-separated) [default: 1000,2000,4000].
-    #[arg(long, value_delimiter = ',')]
-    presence_sizes: Vec<usize>,
-    /// Rounds of tracker_enroll, each a bare-server and a tracker enrollment
-    /// of the whole swarm, in the order bare, tracker, tracker, bare, ... [default: 2].
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(2..=MAX_PEERS as u64))]
+    presence_sizes: Vec<u64>,
+    /// Rounds of tracker_enroll, each enrolling the whole swarm with the bare
+    /// server, with a tracker, and with a tracker while the peers follow
+    /// nobody (the order mirrored every other round) [default: 2].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=8))]
     enroll_rounds: Option<u64>,
     /// Stop enrolling after this many seconds [default: 120, smoke: 60].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_DEADLINE_SECS))]
     deadline: Option<u64>,
     /// The tracker binary [default: `tracker` beside this executable, built if missing].
     #[arg(long)]
@@ -106,19 +115,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Options::full(peers, tracker_bin, bench_bin)
     };
     if let Some(c) = args.concurrency {
-        opts.concurrency = c.max(1);
+        opts.concurrency = usize::try_from(c).context("--concurrency")?;
     }
     if let Some(m) = args.rtt_messages {
-        opts.rtt_messages = m.max(1);
+        opts.rtt_messages = usize::try_from(m).context("--rtt-messages")?;
     }
     if let Some(m) = args.tput_messages {
-        opts.tput_messages = m.max(1);
+        opts.tput_messages = usize::try_from(m).context("--tput-messages")?;
     }
     if let Some(r) = args.enroll_rounds {
         opts.enroll_rounds = usize::try_from(r).context("--enroll-rounds")?;
     }
     if let Some(secs) = args.deadline {
-        opts.deadline = std::time::Duration::from_secs(secs.max(1));
+        opts.deadline = std::time::Duration::from_secs(secs);
     }
     if !args.only.is_empty() {
         opts.groups = Groups {
@@ -128,7 +137,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         };
     }
     if !args.presence_sizes.is_empty() {
-        opts.presence_sizes = args.presence_sizes.clone();
+        opts.presence_sizes = args
+            .presence_sizes
+            .iter()
+            .map(|&n| usize::try_from(n).context("--presence-sizes"))
+            .collect::<anyhow::Result<_>>()?;
     }
     // A signal drops the run: every server it started is killed on drop
     // and its temporary directory removed.
