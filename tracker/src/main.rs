@@ -18,9 +18,9 @@ struct Args {
     /// [default: the platform data directory, e.g. ~/.local/share/tincan/tracker].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Most peers online at once.
-    #[arg(long, default_value_t = DEFAULT_MAX_PEERS)]
-    max_peers: usize,
+    /// Most peers online at once (at least 1).
+    #[arg(long, default_value_t = DEFAULT_MAX_PEERS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_peers: u64,
     /// How long sealed messages wait for an offline recipient (e.g. 7d, 12h, 30s).
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     held_ttl: Duration,
@@ -79,7 +79,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .join("tracker"),
     };
     let mut config = Config::new(args.listen, data_dir);
-    config.max_peers = args.max_peers;
+    config.max_peers = usize::try_from(args.max_peers).unwrap_or(usize::MAX);
     config.held_ttl = args.held_ttl;
     config.name_retention = args.name_retention;
     config.presence = args.presence.into();
