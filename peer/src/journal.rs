@@ -183,7 +183,7 @@ impl Journal {
         // The length goes in last: a record counts once it is there whole.
         compiler_fence(Ordering::SeqCst);
         pages.write(file, at, &prefix.to_le_bytes())?;
-        state.len = at + LENGTH + body;
+        *len = at + LENGTH + body;
         state.appended += 1;
         Ok(())
     }

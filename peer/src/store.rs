@@ -1648,7 +1648,7 @@ mod tests {
         assert_eq!(count("sender.db", sent_rows), 2500);
         let received_rows = "SELECT count(*) FROM received WHERE shown = 1 AND path = 'direct' AND length(body) = 100";
         assert_eq!(count("receiver.db", received_rows), 2500);
-        // Delivered rows stay out of the outbox's index, as a node's do.
+        // Delivered, so none of them is in the outbox.
         let open = Connection::open(dir.path().join("sender.db")).unwrap();
         assert!(open_messages(&open).unwrap().is_empty());
     }
