@@ -10,8 +10,10 @@
 //!
 //! Strategy ([`Links::connect`]): a live direct link is used at once.
 //! Otherwise the known addresses are dialed, the tracker is asked to
-//! coordinate a hole punch (both sides dial at the same moment), and a relay
-//! circuit is requested, all in parallel; the first that comes up carries
+//! coordinate a hole punch (both sides dial at the same moment: at once when
+//! the peer is behind a NAT, else when the plain dial has not got through
+//! within about a round trip), and a relay circuit is requested, all in
+//! parallel; the first that comes up carries
 //! the message. A relayed conversation keeps trying to go direct in the
 //! background ([`UPGRADE_ATTEMPTS`], with backoff); when it does, the relay
 //! link is closed and what was unacknowledged on it is resent directly.
@@ -659,12 +661,18 @@ impl Links {
         let link = if inner.config.relay_only {
             self.open_relay(inner, info).await?
         } else {
+            // A peer behind a NAT of its own drops a plain dial until it
+            // dials us too: ask for the punch at once. Otherwise only if
+            // the plain dial has not got through quickly: on an open path
+            // the punch would just make a second connection.
+            let punch_after = if behind_another_nat(info, inner.observed()) {
+                Duration::ZERO
+            } else {
+                punch_delay(inner)
+            };
             let direct = async {
-                // Ask for a punch only if the plain dial has not got
-                // through quickly: on an open path it would just make a
-                // second connection.
                 let punch_later = async {
-                    tokio::time::sleep(punch_delay(inner)).await;
+                    tokio::time::sleep(punch_after).await;
                     request_punch(inner, &info.name);
                     std::future::pending::<Result<Link, LinkError>>().await
                 };
@@ -749,12 +757,30 @@ impl Links {
     }
 }
 
-/// How long a first dial gets before a hole punch is requested: twice the
-/// RTT to the tracker (about the RTT to the peer), at least [`MIN_PUNCH_DELAY`].
+/// How long a first dial to a peer that is not behind a NAT gets before a
+/// hole punch is requested: three times the RTT to the tracker (twice that
+/// is about the RTT to the peer, and a handshake takes a round trip and a
+/// little more), at least [`MIN_PUNCH_DELAY`]. A punch that comes while the
+/// dial is still completing makes a second connection, and a message sent
+/// on the one the duplicate rule closes waits a round trip longer.
 fn punch_delay(inner: &Inner) -> Duration {
     inner
         .tracker_rtt()
-        .map_or(MIN_PUNCH_DELAY, |rtt| (rtt * 2).max(MIN_PUNCH_DELAY))
+        .map_or(MIN_PUNCH_DELAY, |rtt| (rtt * 3).max(MIN_PUNCH_DELAY))
+}
+
+/// Whether `peer` sits behind a NAT that is not ours: the tracker saw it at
+/// an address that is none of the peer's own, and at another public address
+/// than ours. Such a NAT drops our plain dial until the peer dials us too
+/// (a punch). Behind the same NAT as us, its local addresses answer a plain
+/// dial. Unknown (no local addresses announced, or seen on loopback, which
+/// no NAT makes): no.
+fn behind_another_nat(peer: &PeerInfo, ours: Option<SocketAddr>) -> bool {
+    let seen = peer.observed;
+    !seen.ip().is_loopback()
+        && !peer.local_addrs.is_empty()
+        && !peer.local_addrs.contains(&seen)
+        && ours.is_none_or(|ours| ours.ip() != seen.ip())
 }
 
 /// Asks the tracker to have `name` dial us while we dial it.
@@ -1037,5 +1063,58 @@ where
                 None => return Ok(()),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(observed: &str, local: &[&str]) -> PeerInfo {
+        PeerInfo {
+            name: Name::parse("bob").unwrap(),
+            id: PeerId([2; 32]),
+            observed: observed.parse().unwrap(),
+            local_addrs: local.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    fn at(addr: &str) -> Option<SocketAddr> {
+        Some(addr.parse().unwrap())
+    }
+
+    #[test]
+    fn a_peer_seen_at_an_address_not_its_own_is_behind_a_nat() {
+        // Port-preserving NAT: another address, the same port.
+        let cone = peer("203.0.113.2:4000", &["10.0.2.2:4000"]);
+        assert!(behind_another_nat(&cone, at("203.0.113.9:5000")));
+        // Symmetric NAT: another port too.
+        let symmetric = peer("203.0.113.3:61234", &["10.0.3.2:4000"]);
+        assert!(behind_another_nat(&symmetric, at("203.0.113.9:5000")));
+        // Before we know our own address.
+        assert!(behind_another_nat(&cone, None));
+    }
+
+    #[test]
+    fn a_peer_seen_at_its_own_address_is_not_behind_a_nat() {
+        let public = peer("203.0.113.5:4000", &["203.0.113.5:4000", "10.9.0.1:4000"]);
+        assert!(!behind_another_nat(&public, at("198.51.100.7:5000")));
+    }
+
+    #[test]
+    fn a_peer_behind_our_own_nat_is_dialed_first() {
+        // Same public address as ours: its local addresses answer a dial.
+        let neighbour = peer("203.0.113.2:4001", &["10.0.2.3:4001"]);
+        assert!(!behind_another_nat(&neighbour, at("203.0.113.2:4000")));
+    }
+
+    #[test]
+    fn without_evidence_a_peer_is_not_taken_for_natted() {
+        // Seen on loopback: the tracker runs on its machine; no NAT does that.
+        let same_host = peer("127.0.0.1:4000", &["192.168.1.5:4000"]);
+        assert!(!behind_another_nat(&same_host, at("127.0.0.1:5000")));
+        // Announced no addresses of its own.
+        let silent = peer("203.0.113.2:4000", &[]);
+        assert!(!behind_another_nat(&silent, at("203.0.113.9:5000")));
     }
 }

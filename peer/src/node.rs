@@ -158,6 +158,8 @@ pub struct Inner {
     pub(crate) tracker_up: watch::Sender<bool>,
     /// The current tracker connection (for relay circuits), if enrolled.
     pub(crate) tracker_conn: Mutex<Option<quinn::Connection>>,
+    /// Where the tracker last saw our packets come from (`Welcome`).
+    observed: Mutex<Option<SocketAddr>>,
     pub(crate) in_flight: Arc<Semaphore>,
     /// Destination name key → its conversation.
     pub(crate) conversations: Mutex<HashMap<String, Arc<Conversation>>>,
@@ -242,6 +244,11 @@ impl Inner {
 
     pub(crate) fn set_tracker_conn(&self, conn: Option<quinn::Connection>) {
         *self.tracker_conn.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+    }
+
+    /// Our address as the tracker last saw it, once enrolled.
+    pub(crate) fn observed(&self) -> Option<SocketAddr> {
+        *self.observed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Round-trip time to the tracker, while enrolled.
@@ -357,6 +364,7 @@ impl Inner {
             info!(tracker = %self.config.tracker, key = %enrolled.tracker_id.short(), "pinned tracker key");
         }
         self.set_tracker_conn(Some(enrolled.connection()));
+        *self.observed.lock().unwrap_or_else(|p| p.into_inner()) = Some(enrolled.observed);
         let changes = self.directory().replace(
             enrolled.presence,
             &enrolled.followed,
@@ -440,6 +448,7 @@ impl Node {
             tracker_pin: Mutex::new(pin),
             tracker_up: watch::Sender::new(false),
             tracker_conn: Mutex::new(None),
+            observed: Mutex::new(None),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             conversations: Mutex::default(),
             next_generation: AtomicU64::new(0),
