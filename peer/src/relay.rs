@@ -133,15 +133,20 @@ pub async fn open_circuit(inner: &Arc<Inner>, info: &PeerInfo) -> Result<Link, L
     {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            inner
-                .emit(Event::Warning {
-                    message: format!(
-                        "the relayed peer claiming to be {} failed authentication ({e}); nothing was sent",
-                        info.name
-                    ),
-                })
-                .await;
-            return Err(unreachable(format!("TLS inside the circuit failed: {e}")));
+            if let Some(refused) = tls_error(&e) {
+                inner
+                    .emit(Event::Warning {
+                        message: format!(
+                            "the relayed peer claiming to be {} failed authentication ({refused}); nothing was sent",
+                            info.name
+                        ),
+                    })
+                    .await;
+                return Err(unreachable(format!("TLS inside the circuit failed: {e}")));
+            }
+            return Err(unreachable(format!(
+                "the circuit closed during its TLS handshake: {e}"
+            )));
         }
         Err(_) => return Err(unreachable("TLS inside the circuit timed out".into())),
     };
@@ -152,6 +157,13 @@ pub async fn open_circuit(inner: &Arc<Inner>, info: &PeerInfo) -> Result<Link, L
     link.attach_outbound(inner, recv, send).await?;
     info!(peer = %info.name, "relay circuit up");
     Ok(link)
+}
+
+/// The TLS failure inside a circuit, if that is what ended its handshake
+/// (a key or certificate refused, a broken handshake); `None` when the
+/// circuit itself closed or failed underneath it.
+fn tls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
 /// Serves a circuit the tracker offers: check who wants it, accept, run
@@ -185,14 +197,24 @@ pub async fn accept_circuit(inner: Arc<Inner>, send: SendStream, recv: RecvStrea
     .await
     {
         Ok(Ok(tls)) => tls,
-        _ => {
-            inner
-                .emit(Event::Warning {
-                    message: format!(
-                        "a relayed connection claiming to be {from} failed authentication; nothing was shown"
-                    ),
-                })
-                .await;
+        Ok(Err(e)) => {
+            if let Some(refused) = tls_error(&e) {
+                inner
+                    .emit(Event::Warning {
+                        message: format!(
+                            "a relayed connection claiming to be {from} failed authentication ({refused}); nothing was shown"
+                        ),
+                    })
+                    .await;
+            } else {
+                // What a requester does when its direct dial came up first:
+                // it drops the circuit it asked for in parallel.
+                info!(%from, error = %e, "relay circuit closed before its TLS handshake finished");
+            }
+            return;
+        }
+        Err(_) => {
+            info!(%from, "relay circuit: no TLS handshake within the time allowed");
             return;
         }
     };

@@ -1,7 +1,9 @@
 //! Relay circuits through the tracker, on loopback: messages go through a
 //! TLS session inside a tracker-spliced stream; the tracker refuses circuits
 //! to absent peers at once and throttles a peer that opens them in a loop;
-//! a peer that presents another key inside a circuit is refused.
+//! a peer that presents another key inside a circuit is refused; a circuit
+//! its requester drops before TLS is done (a direct path won the race) is no
+//! authentication failure.
 
 use std::time::Duration;
 
@@ -198,5 +200,80 @@ async fn a_relayed_peer_presenting_another_key_is_refused_and_nothing_is_shown()
         .expect_event_within("message", Duration::from_millis(500), |_| true)
         .await;
     assert!(shown.is_err(), "a message was shown: {shown:?}");
+    Ok(())
+}
+
+/// TLS inside a circuit from `me` to the peer holding `target`: the frames
+/// of a relayed message stream, as a real peer speaks them.
+async fn circuit_tls(
+    me: &Identity,
+    target: tincan_proto::PeerId,
+    reader: TrackerReader,
+    writer: TrackerWriter,
+) -> Result<(
+    FramedRead<impl tokio::io::AsyncRead, Codec<ToSender, ()>>,
+    FramedWrite<impl tokio::io::AsyncWrite, Codec<(), ToReceiver>>,
+)> {
+    let stream = tokio::io::join(reader.into_inner(), writer.into_inner());
+    let tls = client_config(me, ALPN_PEER, Some(target))?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tls = tokio::time::timeout(
+        WAIT,
+        connector.connect(ServerName::try_from(SERVER_NAME)?, stream),
+    )
+    .await
+    .context("TLS inside the circuit did not finish")??;
+    let (r, w) = tokio::io::split(tls);
+    Ok((
+        FramedRead::new(r, Codec::default()),
+        FramedWrite::new(w, Codec::default()),
+    ))
+}
+
+#[tokio::test]
+async fn a_circuit_dropped_before_its_tls_handshake_is_no_authentication_failure() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let mut bob = Peer::start_json("bob", &tracker).await?;
+    let (_, bob_key) = bob.own_address_and_key().await?;
+    let alice = Identity::generate()?;
+    let (conn, _r, _w) = enroll(&alice, &tracker.addr, "alice").await?;
+    // alice asks for a circuit, then hangs up before TLS starts, as a peer
+    // does when its direct dial comes up first.
+    let (reader, writer, answer) = open_circuit(&conn, "bob").await?;
+    if answer != FromTracker::CircuitReady {
+        bail!("circuit not ready: {answer:?}");
+    }
+    drop((reader, writer));
+    // A second circuit carries a message: bob still serves alice's circuits.
+    let (reader, writer, answer) = open_circuit(&conn, "bob").await?;
+    if answer != FromTracker::CircuitReady {
+        bail!("second circuit not ready: {answer:?}");
+    }
+    let (mut r, mut w) = circuit_tls(&alice, bob_key, reader, writer).await?;
+    let id = tincan_proto::MessageId::generate();
+    w.send(ToReceiver::Open {
+        from: Name::parse("alice")?,
+    })
+    .await?;
+    w.send(ToReceiver::Msg {
+        id,
+        sent_at_ms: 0,
+        body: "after the dropped circuit".into(),
+    })
+    .await?;
+    let ack = tokio::time::timeout(WAIT, r.next())
+        .await
+        .context("no ack over the second circuit")?;
+    assert!(
+        matches!(ack, Some(Ok(ToSender::Ack { id: acked })) if acked == id),
+        "{ack:?}"
+    );
+    bob.expect_event("message", |v| v["text"] == "after the dropped circuit")
+        .await?;
+    let stdout = bob.stdout();
+    assert!(
+        !stdout.contains(r#""event":"warning""#),
+        "bob warned about a circuit its requester only dropped:\n{stdout}"
+    );
     Ok(())
 }
