@@ -13,20 +13,23 @@
 
 use std::{io::Write, time::Duration};
 
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tincan_proto::{MessageId, Name, PeerId, tracker::LIST_PAGE};
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio_util::codec::{Decoder, FramedRead, LinesCodec, LinesCodecError};
 
 use crate::{
     Event, KeyInfo, Node, Path, PeerStatus, directory::PresenceMode, links::DIAL_TIMEOUT,
     outbox::ACK_TIMEOUT, store::HistoryEntry,
 };
 
-/// Longest input line accepted (a maximal message plus its command); a
-/// longer line is discarded without being held in memory whole.
-pub const MAX_LINE: usize = tincan_proto::MAX_BODY_LEN + 1024;
+/// Longest input line accepted: a maximal message plus its command, with
+/// room for JSON to escape every byte of the text (`\u00XX`, six bytes). A
+/// longer line is refused with an error and discarded without being held in
+/// memory whole; the lines after it are read as usual.
+pub const MAX_LINE: usize = 6 * tincan_proto::MAX_BODY_LEN + 1024;
 /// History lines shown when `/history NAME` gives no count.
 pub const DEFAULT_HISTORY: usize = 20;
 /// Most history lines one command returns.
@@ -65,10 +68,7 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
             node.id().short()
         ));
     }
-    let mut lines = FramedRead::new(
-        tokio::io::stdin(),
-        LinesCodec::new_with_max_length(MAX_LINE),
-    );
+    let mut lines = FramedRead::new(tokio::io::stdin(), InputLines::default());
     let stop = stop_requested();
     tokio::pin!(stop);
     let end = loop {
@@ -82,13 +82,16 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
                 None => break End::NodeStopped,
             },
             line = lines.next() => match line {
-                Some(Ok(line)) => {
+                Some(Ok(Input::Line(line))) => {
                     if out.command(&node, &line).await == Flow::Quit {
                         break End::Quit;
                     }
                 }
-                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                Some(Ok(Input::TooLong)) => {
                     out.error(None, &format!("input line longer than {MAX_LINE} bytes ignored"));
+                }
+                Some(Ok(Input::NotText)) => {
+                    out.error(None, "input line is not UTF-8 text; ignored");
                 }
                 None | Some(Err(_)) => break End::InputClosed,
             },
@@ -134,6 +137,55 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
         out.line("logged out. Goodbye.");
     }
     Exit::Quit
+}
+
+/// One line of input, or the news that one was too long.
+#[derive(Debug, PartialEq, Eq)]
+enum Input {
+    Line(String),
+    /// A line past [`MAX_LINE`]; its bytes are skipped up to its newline.
+    TooLong,
+    /// A line that is not UTF-8 (e.g. from a Latin-1 terminal).
+    NotText,
+}
+
+/// [`LinesCodec`] with an over-long or non-UTF-8 line as an item, not an
+/// error: a `FramedRead` ends its stream after any error, which would take
+/// every line after it (and the session) along. Errors reading stdin itself
+/// still end the input.
+struct InputLines(LinesCodec);
+
+impl Default for InputLines {
+    fn default() -> Self {
+        Self(LinesCodec::new_with_max_length(MAX_LINE))
+    }
+}
+
+impl InputLines {
+    fn item(
+        decoded: Result<Option<String>, LinesCodecError>,
+    ) -> Result<Option<Input>, LinesCodecError> {
+        match decoded {
+            Ok(line) => Ok(line.map(Input::Line)),
+            Err(LinesCodecError::MaxLineLengthExceeded) => Ok(Some(Input::TooLong)),
+            // The codec's only I/O error: the line (already consumed) is
+            // not UTF-8.
+            Err(LinesCodecError::Io(_)) => Ok(Some(Input::NotText)),
+        }
+    }
+}
+
+impl Decoder for InputLines {
+    type Item = Input;
+    type Error = LinesCodecError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Input>, LinesCodecError> {
+        Self::item(self.0.decode(buf))
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Input>, LinesCodecError> {
+        Self::item(self.0.decode_eof(buf))
+    }
 }
 
 /// Why the front end's loop ended.
@@ -816,6 +868,29 @@ fn event_text(node: &Node, event: &Event) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn input_goes_on_after_an_overlong_or_non_utf8_line() {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(b"first\n");
+        buf.extend_from_slice(&vec![b'x'; MAX_LINE + 10]);
+        buf.extend_from_slice(b"\ncaf\xe9\nlast\n");
+        let mut codec = InputLines::default();
+        let mut items = Vec::new();
+        while let Some(item) = codec.decode(&mut buf).expect("no decoder error") {
+            items.push(item);
+        }
+        assert_eq!(
+            items,
+            [
+                Input::Line("first".into()),
+                Input::TooLong,
+                Input::NotText,
+                Input::Line("last".into())
+            ]
+        );
+        assert!(buf.is_empty());
+    }
 
     #[test]
     fn network_text_cannot_fake_lines_or_escape_sequences() {

@@ -218,8 +218,12 @@ impl Proc {
     }
 
     async fn write_line(&mut self, line: &str) -> Result<()> {
+        self.write_raw_line(line.as_bytes()).await
+    }
+
+    async fn write_raw_line(&mut self, line: &[u8]) -> Result<()> {
         let stdin = self.stdin.as_mut().context("stdin already closed")?;
-        stdin.write_all(line.as_bytes()).await?;
+        stdin.write_all(line).await?;
         stdin.write_all(b"\n").await?;
         stdin.flush().await?;
         Ok(())
@@ -513,6 +517,11 @@ impl Peer {
     /// Sends a text-mode line.
     pub async fn type_line(&mut self, line: &str) -> Result<()> {
         self.proc.write_line(line).await
+    }
+
+    /// Sends a line of raw bytes (which need not be UTF-8).
+    pub async fn type_bytes(&mut self, line: &[u8]) -> Result<()> {
+        self.proc.write_raw_line(line).await
     }
 
     /// Sends a JSON command (an `id` is added) and returns its reply.

@@ -101,6 +101,51 @@ async fn oversized_message_is_refused_and_nothing_is_sent() -> Result<()> {
 }
 
 #[tokio::test]
+async fn an_overlong_or_non_utf8_input_line_is_refused_and_the_next_lines_still_run() -> Result<()>
+{
+    let tracker = Tracker::start().await?;
+    let mut text = Peer::start_text("alice", &tracker).await?;
+    // Past the line limit (six times the body limit, for JSON escapes).
+    text.type_line(&format!("/msg bob {}", "x".repeat(6 * 64 * 1024 + 1024)))
+        .await?;
+    text.expect_line("the refusal", |l| l.contains("input line longer than"))
+        .await?;
+    text.type_bytes(b"/msg bob caf\xe9").await?;
+    text.expect_line("the refusal", |l| l.contains("not UTF-8"))
+        .await?;
+    text.type_line("/help").await?;
+    text.expect_line("the help after both", |l| l.contains("/msg NAME TEXT"))
+        .await?;
+
+    let mut json = Peer::start_json("bob", &tracker).await?;
+    json.type_line(&format!(
+        r#"{{"id":1,"cmd":"send","to":"alice","text":"{}"}}"#,
+        "y".repeat(6 * 64 * 1024 + 1024)
+    ))
+    .await?;
+    let err = json
+        .expect_json("the refusal", WAIT, |v| v["ok"] == false)
+        .await?;
+    assert!(
+        err["error"].as_str().unwrap_or("").contains("longer than"),
+        "{err}"
+    );
+    // A maximal body with every byte escaped still fits in a line.
+    let escaped = "\\u0041".repeat(64 * 1024);
+    json.type_line(&format!(
+        r#"{{"id":2,"cmd":"send","to":"alice","text":"{escaped}"}}"#
+    ))
+    .await?;
+    let sent = json
+        .expect_json("the reply to the escaped send", WAIT, |v| v["id"] == 2)
+        .await?;
+    assert_eq!(sent["ok"], true, "{sent}");
+    let who = json.command(json!({"cmd": "who"})).await?;
+    assert_eq!(who["ok"], true);
+    Ok(())
+}
+
+#[tokio::test]
 async fn unknown_commands_get_a_help_hint() -> Result<()> {
     let tracker = Tracker::start().await?;
     let mut text = Peer::start_text("alice", &tracker).await?;
