@@ -139,6 +139,18 @@ pub async fn run(node: Node, mut events: mpsc::Receiver<Event>, mode: Mode) -> E
     Exit::Quit
 }
 
+/// A command's optional `limit`: `default` when absent or `null`, at most
+/// `max`; `None` when it is not a whole number from 1.
+fn limit_of(cmd: &Value, default: usize, max: usize) -> Option<usize> {
+    match cmd.get("limit") {
+        None | Some(Value::Null) => Some(default),
+        Some(n) => n
+            .as_u64()
+            .filter(|&n| n > 0)
+            .map(|n| usize::try_from(n).map_or(max, |n| n.min(max))),
+    }
+}
+
 /// One line of input, or the news that one was too long.
 #[derive(Debug, PartialEq, Eq)]
 enum Input {
@@ -323,9 +335,9 @@ impl Output {
                 };
                 let limit = match words.next().map(str::parse::<usize>) {
                     None => DEFAULT_HISTORY,
-                    Some(Ok(n)) => n.min(MAX_HISTORY),
-                    Some(Err(_)) => {
-                        self.line("usage: /history NAME [N]");
+                    Some(Ok(n)) if n > 0 => n.min(MAX_HISTORY),
+                    Some(_) => {
+                        self.line("usage: /history NAME [N], N a whole number from 1");
                         return Flow::Continue;
                     }
                 };
@@ -472,12 +484,13 @@ impl Output {
                     self.error(Some(&id), "history needs a string field \"with\"");
                     return Flow::Continue;
                 };
-                let limit = cmd
-                    .get("limit")
-                    .and_then(Value::as_u64)
-                    .map_or(DEFAULT_HISTORY, |n| {
-                        usize::try_from(n).unwrap_or(MAX_HISTORY).min(MAX_HISTORY)
-                    });
+                let Some(limit) = limit_of(&cmd, DEFAULT_HISTORY, MAX_HISTORY) else {
+                    self.error(
+                        Some(&id),
+                        "history: \"limit\" must be a whole number from 1",
+                    );
+                    return Flow::Continue;
+                };
                 match node.history(with, limit).await {
                     Ok(entries) => {
                         let messages: Vec<Value> =
@@ -534,6 +547,9 @@ impl Output {
                 return Flow::Quit;
             }
             Some(other) => self.error(Some(&id), &format!("unknown command {other:?}; {COMMANDS}")),
+            None if cmd.get("cmd").is_some() => {
+                self.error(Some(&id), &format!("\"cmd\" must be a string; {COMMANDS}"))
+            }
             None => self.error(Some(&id), &format!("missing \"cmd\"; {COMMANDS}")),
         }
         Flow::Continue
@@ -549,10 +565,9 @@ impl Output {
             },
             Some(_) => return self.error(Some(id), "list: \"after\" must be a name"),
         };
-        let limit = cmd
-            .get("limit")
-            .and_then(Value::as_u64)
-            .map_or(LIST_PAGE, |n| usize::try_from(n).unwrap_or(LIST_PAGE));
+        let Some(limit) = limit_of(cmd, LIST_PAGE, LIST_PAGE) else {
+            return self.error(Some(id), "list: \"limit\" must be a whole number from 1");
+        };
         match node.list_page(after, limit).await {
             Ok((peers, more)) => {
                 let peers: Vec<Value> = peers

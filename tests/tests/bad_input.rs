@@ -186,6 +186,42 @@ async fn malformed_json_gets_an_error_line_and_the_peer_keeps_going() -> Result<
 }
 
 #[tokio::test]
+async fn json_fields_of_the_wrong_kind_are_named_in_the_error() -> Result<()> {
+    let tracker = Tracker::start().await?;
+    let mut alice = Peer::start_json("alice", &tracker).await?;
+    let error_of = |v: &serde_json::Value| {
+        assert_eq!(v["ok"], false, "{v}");
+        v["error"].as_str().unwrap_or("").to_string()
+    };
+    let reply = alice.command(json!({"cmd": 42})).await?;
+    assert!(
+        error_of(&reply).contains("\"cmd\" must be a string"),
+        "{reply}"
+    );
+    for limit in [json!(-1), json!(0), json!(2.5), json!("ten")] {
+        let reply = alice
+            .command(json!({"cmd": "history", "with": "bob", "limit": limit}))
+            .await?;
+        assert!(error_of(&reply).contains("\"limit\""), "{reply}");
+        let reply = alice
+            .command(json!({"cmd": "list", "limit": limit}))
+            .await?;
+        assert!(error_of(&reply).contains("\"limit\""), "{reply}");
+    }
+    // Too large is capped, not refused.
+    let reply = alice
+        .command(json!({"cmd": "history", "with": "bob", "limit": u64::MAX}))
+        .await?;
+    assert_eq!(reply["ok"], true, "{reply}");
+
+    let mut text = Peer::start_text("bob", &tracker).await?;
+    text.type_line("/history alice 0").await?;
+    text.expect_line("the usage", |l| l.starts_with("usage: /history NAME [N]"))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_tracker_whose_key_changed_is_refused_loudly() -> Result<()> {
     let mut tracker = Tracker::start().await?;
     let dir = tempfile::tempdir()?;
