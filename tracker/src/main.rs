@@ -21,17 +21,44 @@ struct Args {
     /// Most peers online at once (at least 1).
     #[arg(long, default_value_t = DEFAULT_MAX_PEERS as u64, value_parser = clap::value_parser!(u64).range(1..))]
     max_peers: u64,
-    /// How long sealed messages wait for an offline recipient (e.g. 7d, 12h, 30s).
-    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    /// How long sealed messages wait for an offline recipient (e.g. 7d, 12h,
+    /// 30s; at least 1s).
+    #[arg(long, default_value = "7d", value_parser = held_ttl)]
     held_ttl: Duration,
     /// How long a name stays bound to its key after its last use (e.g. 30d).
-    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30d", value_parser = name_retention)]
     name_retention: Duration,
     /// Who hears about a peer coming and going: everyone (broadcast: the
     /// full list at enrollment, every change to every peer), or only the
     /// peers that follow its name (subscribe: for large trackers).
     #[arg(long, value_enum, default_value_t = Presence::Broadcast)]
     presence: Presence,
+}
+
+/// Longest `--held-ttl` and `--name-retention`: far past any use, and well
+/// within the second counts the databases store.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `--held-ttl`: a time to live of zero would expire every held message at
+/// once.
+fn held_ttl(s: &str) -> Result<Duration, String> {
+    duration_within(s, Duration::from_secs(1))
+}
+
+/// `--name-retention`: zero frees a name as soon as its peer logs out.
+fn name_retention(s: &str) -> Result<Duration, String> {
+    duration_within(s, Duration::ZERO)
+}
+
+fn duration_within(s: &str, least: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < least {
+        return Err(format!("at least {}", humantime::format_duration(least)));
+    }
+    if d > MAX_DURATION {
+        return Err("at most 100 years".into());
+    }
+    Ok(d)
 }
 
 /// The values of `--presence`.

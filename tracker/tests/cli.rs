@@ -22,30 +22,38 @@ fn bad_listen_address_exits_2_naming_the_flag() {
 }
 
 #[test]
-fn a_tracker_for_no_peers_is_refused_naming_the_flag() {
-    // Spawned and waited for with a deadline: a tracker that accepted the
-    // value would run until stopped.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tracker"))
-        .args(["--listen", "127.0.0.1:0", "--max-peers", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run tracker");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait for tracker").is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!("tracker --max-peers 0 was still running after 10 s");
+fn values_out_of_range_are_refused_naming_the_flag() {
+    for (flag, value) in [
+        ("--max-peers", "0"),
+        ("--held-ttl", "0s"),
+        ("--held-ttl", "1000years"),
+        ("--name-retention", "1000years"),
+    ] {
+        // Spawned and waited for with a deadline: a tracker that accepted the
+        // value would run until stopped.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tracker"))
+            .args(["--listen", "127.0.0.1:0", flag, value])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tracker");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().expect("wait for tracker").is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("tracker {flag} {value} was still running after 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        let out = child.wait_with_output().expect("tracker output");
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.lines().next().unwrap_or("").contains(flag),
+            "{flag} {value}: {stderr}"
+        );
     }
-    let out = child.wait_with_output().expect("tracker output");
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.lines().next().unwrap_or("").contains("--max-peers"),
-        "{stderr}"
-    );
 }
 
 #[test]
