@@ -84,8 +84,9 @@ impl Directory {
         self.by_name.get(&name.key())
     }
 
-    pub fn insert(&mut self, info: PeerInfo) {
-        self.by_name.insert(info.name.key(), info);
+    /// Puts `info` on the list; true if its name was not there.
+    pub fn insert(&mut self, info: PeerInfo) -> bool {
+        self.by_name.insert(info.name.key(), info).is_none()
     }
 
     pub fn all(&self) -> Vec<PeerInfo> {

@@ -309,12 +309,7 @@ impl Inner {
     /// will then not be announced twice).
     pub(crate) async fn learned(&self, info: PeerInfo) {
         let (name, id) = (info.name.clone(), info.id);
-        let new = {
-            let mut directory = self.directory();
-            let new = directory.get(&name).is_none();
-            directory.insert(info);
-            new
-        };
+        let new = self.directory().insert(info);
         if new && name != self.config.name {
             self.emit(Event::Presence {
                 name,

@@ -104,6 +104,52 @@ async fn a_peer_hears_the_names_it_follows_and_no_others() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_stranger_is_told_online_once_and_before_its_first_message() -> Result<()> {
+    let tracker = subscribe_tracker().await?;
+    let mut bob = Peer::start_json("bob", &tracker).await?;
+    let mut alice = Peer::start_json("alice", &tracker).await?;
+    alice.send("bob", "hi, stranger").await?;
+    // bob follows nobody: he learns of alice from her message (a lookup,
+    // then a subscription), and must say so before showing it.
+    let mut before = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let v = bob
+            .next_json(left)
+            .await
+            .context("bob's events up to the message")?;
+        if v["event"] == "message" {
+            assert_eq!(v["text"], "hi, stranger");
+            break;
+        }
+        before.push(v);
+    }
+    let online =
+        |v: &Value| v["event"] == "presence" && v["name"] == "alice" && v["online"] == true;
+    assert_eq!(
+        before.iter().filter(|v| online(v)).count(),
+        1,
+        "alice's arrival, once, before her message: {before:?}"
+    );
+    // Now that bob follows her, her leaving is told too (and no second arrival).
+    alice.command(json!({"cmd": "logout"})).await?;
+    alice.wait_exit(WAIT).await?;
+    let mut after = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let v = bob.next_json(left).await.context("alice's leaving")?;
+        if v["event"] == "presence" && v["name"] == "alice" && v["online"] == false {
+            break;
+        }
+        after.push(v);
+    }
+    assert!(!after.iter().any(online), "{after:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_restarted_peer_follows_the_names_it_knows_and_both_directions_work() -> Result<()> {
     let tracker = subscribe_tracker().await?;
     let mut bob = Peer::start_text("bob", &tracker).await?;
