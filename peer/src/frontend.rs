@@ -151,7 +151,7 @@ fn limit_of(cmd: &Value, default: usize, max: usize) -> Option<usize> {
     }
 }
 
-/// One line of input, or the news that one was too long.
+/// One line of input, or why one could not be taken.
 #[derive(Debug, PartialEq, Eq)]
 enum Input {
     Line(String),

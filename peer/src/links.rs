@@ -13,10 +13,10 @@
 //! coordinate a hole punch (both sides dial at the same moment: at once when
 //! the peer is behind a NAT, else when the plain dial has not got through
 //! within about a round trip), and a relay circuit is requested, all in
-//! parallel; the first that comes up carries
-//! the message. A relayed conversation keeps trying to go direct in the
-//! background ([`UPGRADE_ATTEMPTS`], with backoff); when it does, the relay
-//! link is closed and what was unacknowledged on it is resent directly.
+//! parallel; the first that comes up carries the message. A relayed
+//! conversation keeps trying to go direct in the background
+//! ([`UPGRADE_ATTEMPTS`], with backoff); when it does, the relay link is
+//! closed and what was unacknowledged on it is resent directly.
 //!
 //! Two peers that dial each other at the same moment end up with two
 //! connections. Both sides keep the one dialed by the smaller peer id and
