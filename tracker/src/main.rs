@@ -1,6 +1,6 @@
 //! `tracker`: parses arguments, sets up logging, runs [`tincan_tracker::Tracker`].
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
@@ -112,8 +112,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.presence = args.presence.into();
     let tracker = Tracker::bind(config)?;
     let addr = tracker.local_addr().context("reading the bound address")?;
-    println!("tracker listening on {addr}");
-    println!("tracker key {}", tracker.id());
+    // Not println!, which panics when stdout is a pipe whose reader has
+    // gone (`tracker | grep -m1 listening`): the tracker runs on without it.
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "tracker listening on {addr}")
+        .and_then(|()| writeln!(stdout, "tracker key {}", tracker.id()))
+        .and_then(|()| stdout.flush());
+    drop(stdout);
 
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();

@@ -3,6 +3,7 @@
 //! `cargo test --workspace` build the binary the tests/ crate starts.)
 
 use std::{
+    io::{BufRead, BufReader},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -31,8 +32,10 @@ fn values_out_of_range_are_refused_naming_the_flag() {
     ] {
         // Spawned and waited for with a deadline: a tracker that accepted the
         // value would run until stopped.
+        let dir = tempfile::tempdir().expect("temp dir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_tracker"))
-            .args(["--listen", "127.0.0.1:0", flag, value])
+            .args(["--listen", "127.0.0.1:0", flag, value, "--data-dir"])
+            .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -107,5 +110,49 @@ fn a_port_in_use_is_one_line_giving_the_reason_once() {
         last.matches("(os error").count(),
         1,
         "the reason is given more than once: {stderr}"
+    );
+}
+
+#[test]
+fn a_tracker_whose_stdout_reader_is_gone_runs_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tracker"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tracker");
+    // Whoever read the start lines has gone before they were written.
+    drop(child.stdout.take());
+    // "accepting peers" is logged after the start lines; read stderr on a
+    // thread so that the wait below has a deadline.
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    let accepting = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("accepting peers") => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    let running = child.try_wait().expect("wait for tracker").is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        accepting && running,
+        "the tracker stopped (accepting: {accepting}, running: {running}):\n{}",
+        seen.join("\n")
     );
 }
