@@ -364,6 +364,7 @@ impl Output {
                     Err(e) => self.error(None, &e.to_string()),
                 },
             },
+            "/accept" if rest.is_empty() => self.line("usage: /accept NAME"),
             "/accept" => match node.accept_key(rest).await {
                 Ok(Some(key)) => self.line(&format!("now trusting {rest}'s new key {key}")),
                 Ok(None) => self.line(&format!("no changed key is waiting for {rest}")),

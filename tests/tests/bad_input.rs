@@ -157,6 +157,10 @@ async fn unknown_commands_get_a_help_hint() -> Result<()> {
     text.type_line("/help").await?;
     text.expect_line("the help", |l| l.contains("/msg NAME TEXT"))
         .await?;
+    // A known command without its argument gets its usage.
+    text.type_line("/accept").await?;
+    text.expect_line("the usage", |l| l == "usage: /accept NAME")
+        .await?;
 
     let mut json = Peer::start_json("bob", &tracker).await?;
     let reply = json.command(json!({"cmd": "frobnicate"})).await?;
