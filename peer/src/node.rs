@@ -303,10 +303,11 @@ impl Inner {
         bound && self.observe_key(name, key).await
     }
 
-    /// A peer a lookup found online, put on the client list. If it was not
-    /// there, the user is told it is online now, before anything it sends
-    /// is shown (its `Joined` may still be on its way from the tracker, and
-    /// will then not be announced twice).
+    /// A peer a lookup found online (from the lookup's answer, or from the
+    /// `Subscribed` state that follows it, whichever comes first), put on
+    /// the client list. If it was not there, the user is told it is online
+    /// now, before anything it sends is shown (its `Joined` may still be on
+    /// its way from the tracker, and will then not be announced twice).
     pub(crate) async fn learned(&self, info: PeerInfo) {
         let (name, id) = (info.name.clone(), info.id);
         let new = self.directory().insert(info);

@@ -505,22 +505,10 @@ async fn follow(
                 Some(Ok(FromTracker::Presence(change))) => on_presence(inner, change).await,
                 Some(Ok(FromTracker::Subscribed { peers, .. })) => {
                     // The state of a name just followed, after a lookup
-                    // (which checked its key). The lookup's caller says the
-                    // name is online if it gets there first
-                    // (`Inner::learned`); else it is said here, so that a
-                    // peer's arrival is always told before what it sends,
-                    // and once.
-                    let new: Vec<PeerInfo> = {
-                        let mut directory = inner.directory();
-                        peers
-                            .into_iter()
-                            .filter(|info| directory.insert(info.clone()))
-                            .collect()
-                    };
-                    for info in new.into_iter().filter(|i| i.name != inner.config.name) {
-                        inner
-                            .emit(Event::Presence { name: info.name, id: info.id, online: true })
-                            .await;
+                    // (which checked its key): told here or by the lookup's
+                    // caller, whichever comes first, and once.
+                    for info in peers {
+                        inner.learned(info).await;
                     }
                 }
                 Some(Ok(FromTracker::ListPageReply { req, peers, more })) => {
